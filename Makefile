@@ -1,0 +1,40 @@
+# The few commands the README shows. `make test` and `make demo` build .venv from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where there is no NVIDIA GPU, take PyTorch's CPU build (a few hundred MB instead of several GB).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
+		$(BIN)/pip install "torch>=2.2"; \
+	elif [ "$$(uname -s)" = "Linux" ]; then \
+		echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install --retries 1 --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	else \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/pip install -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(BIN)/python -m gpt2lab.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

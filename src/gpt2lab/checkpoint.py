@@ -1,0 +1,177 @@
+"""gpt2lab checkpoint directories: atomic save, load, find the newest; and `load_model` for any source.
+
+A checkpoint is a directory holding
+  model.safetensors   the weights under gpt2lab's parameter names (lm_head is tied and not stored)
+  gpt2lab.json        {"format": "gpt2lab", "format_version": 1, "model": GPTConfig fields,
+                       "tokenizer": {"name", "vocab_hash"}, "gpt2lab_version", ...}
+and, for training checkpoints, the optimizer and trainer state beside them. The directory is built
+under a temporary name and renamed into place, so a directory with a gpt2lab.json is always complete.
+A run directory keeps its checkpoints as `checkpoints/step_00001000/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import GPTConfig
+from .errors import GPT2LabError
+from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json
+from .model import GPT
+
+META_FILE = "gpt2lab.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+CHECKPOINTS_SUBDIR = "checkpoints"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def model_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The tensors to store: every parameter once (the tied lm_head is the embedding)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def write_model_files(
+    folder: Path, model: GPT, tokenizer_info: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
+    """Write model.safetensors and gpt2lab.json into an existing (temporary) folder."""
+    model = getattr(model, "_orig_mod", model)
+    atomic_save_safetensors(folder / WEIGHTS_FILE, model_weights(model), metadata={"format": "pt"})
+    meta = {
+        "format": "gpt2lab",
+        "format_version": FORMAT_VERSION,
+        "gpt2lab_version": package_version(),
+        "model": model.config.to_dict(),
+        "tokenizer": tokenizer_info,
+        **(extra or {}),
+    }
+    atomic_write_json(folder / META_FILE, meta)
+
+
+def save_model(
+    model: GPT,
+    out_dir: str | os.PathLike,
+    tokenizer_info: dict[str, Any],
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save weights + metadata as a gpt2lab checkpoint directory, atomically."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise GPT2LabError(f"{out} already exists and is not empty; choose a new --out or pass --overwrite")
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_model_files(tmp, model, tokenizer_info, extra)
+    return out
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GPT2LabError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "gpt2lab":
+        raise GPT2LabError(f"{path} is not a gpt2lab checkpoint description")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise GPT2LabError(
+            f"{path} has format_version {meta['format_version']}, newer than this gpt2lab understands "
+            f"({FORMAT_VERSION}); upgrade gpt2lab"
+        )
+    return meta
+
+
+def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run directory, oldest first (by step)."""
+    root = Path(run_dir) / CHECKPOINTS_SUBDIR
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and is_checkpoint(child):
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    found = find_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory, or None."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    return find_latest(path)
+
+
+def load_checkpoint_model(
+    folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[GPT, dict[str, Any]]:
+    """The model stored in a gpt2lab checkpoint directory, and its metadata."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    try:
+        config = GPTConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise GPT2LabError(f"{folder / META_FILE}: bad model description ({e})") from None
+    from .hf import _load_safetensors
+
+    sd = _load_safetensors(folder / WEIGHTS_FILE)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    for k, shape in expected.items():
+        if k not in sd:
+            raise GPT2LabError(f"missing weight {k} in {folder / WEIGHTS_FILE}")
+        if tuple(sd[k].shape) != shape:
+            raise GPT2LabError(
+                f"weight {k} in {folder / WEIGHTS_FILE} has shape {list(sd[k].shape)}, expected {list(shape)}"
+            )
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise GPT2LabError(f"unexpected weight {unexpected[0]} in {folder / WEIGHTS_FILE}")
+    return GPT.from_state_dict(config, sd, device=device, dtype=dtype), meta
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> GPT:
+    """A GPT in eval mode from a Hub name (`gpt2`, `openai-community/gpt2-xl`, ...), a Hugging Face
+    directory or weights file, a gpt2lab checkpoint directory, or a run directory (its newest checkpoint).
+    """
+    from .runtime import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        ckpt = resolve_checkpoint(path)
+        if ckpt is not None:
+            model, _ = load_checkpoint_model(ckpt, device=device, dtype=torch_dtype)
+            return model.eval()
+        if not (path / "config.json").is_file():
+            raise GPT2LabError(
+                f"{path} is neither a gpt2lab checkpoint ({META_FILE}), a run directory with "
+                f"{CHECKPOINTS_SUBDIR}/, nor a Hugging Face model directory (config.json + weights)"
+            )
+    from .hf import from_hf
+
+    return from_hf(name_or_path, device=device, dtype=torch_dtype).eval()

@@ -1,0 +1,1 @@
+"""One module per `gpt2lab` subcommand: argument parsing and printing only."""

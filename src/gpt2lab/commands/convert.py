@@ -1,0 +1,36 @@
+"""Convert GPT-2 weights between Hugging Face and gpt2lab checkpoints (safetensors both ways).
+
+Examples:
+  gpt2lab convert --from-hf gpt2 --out checkpoints/gpt2
+  gpt2lab convert --from-hf ./my-hf-gpt2 --out checkpoints/mine
+  gpt2lab convert --to-hf runs/shakespeare --out hf-export/
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoint import load_model, save_model
+from ..hf import export_hf
+from ..tokenizer import get_tokenizer
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--from-hf", metavar="NAME_OR_DIR", help="Hub name or Hugging Face directory to import")
+    g.add_argument("--to-hf", metavar="CKPT", help="gpt2lab checkpoint or run directory to export")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    tok = get_tokenizer()
+    if args.from_hf:
+        model = load_model(args.from_hf)
+        save_model(model, args.out, {"name": tok.name, "vocab_hash": tok.vocab_hash}, overwrite=args.overwrite)
+        print(f"wrote gpt2lab checkpoint {args.out} ({model.num_params():,} parameters) from {args.from_hf}")
+    else:
+        model = load_model(args.to_hf)
+        export_hf(model, args.out, tok, overwrite=args.overwrite)
+        print(f"wrote Hugging Face GPT-2 directory {args.out} ({model.num_params():,} parameters)")
+    return 0

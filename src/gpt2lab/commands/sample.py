@@ -1,0 +1,112 @@
+"""Generate text from GPT-2 or a gpt2lab checkpoint, streamed to the terminal.
+
+Examples:
+  gpt2lab sample --model gpt2 --prompt "Hello, I'm a language model,"
+  gpt2lab sample --model runs/shakespeare --prompt "ROMEO:" --num-samples 3 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+from ..checkpoint import load_model
+from ..errors import GPT2LabError
+from ..generate import GenerationStats, generate, stream_text
+from ..runtime import resolve_device, resolve_dtype
+from ..tokenizer import get_tokenizer
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="gpt2", help="Hub name, HF directory, or gpt2lab checkpoint/run dir (default: gpt2)"
+    )
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy (default: 0.8)")
+    p.add_argument(
+        "--top-k", type=int, default=200, metavar="K", help="keep the K most likely tokens; 0 = off (default: 200)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 = off (default: 1)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="S", help="samples, decoded as one batch")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    p.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|>")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise GPT2LabError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise GPT2LabError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise GPT2LabError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise GPT2LabError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.num_samples < 1:
+        raise GPT2LabError(f"--num-samples must be at least 1, got {args.num_samples}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype))
+    tok = get_tokenizer()
+    if model.config.vocab_size != tok.n_vocab:
+        raise GPT2LabError(
+            f"{args.model} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer has "
+            f"{tok.n_vocab}; it was trained with another tokenizer"
+        )
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_token]
+    top_k = args.top_k or None
+    out = sys.stdout
+    stats = GenerationStats()
+    if args.num_samples == 1 and not args.no_stream:
+        out.write(args.prompt)
+        out.flush()
+        for piece in stream_text(
+            model,
+            tok,
+            prompt_ids,
+            args.max_new_tokens,
+            args.temperature,
+            top_k,
+            args.top_p,
+            seed,
+            stop_at_eot=not args.ignore_eot,
+            stats=stats,
+        ):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    else:
+        result = generate(
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            args.temperature,
+            top_k,
+            args.top_p,
+            num_samples=args.num_samples,
+            seed=seed,
+            eot_token=None if args.ignore_eot else tok.eot_token,
+        )
+        stats = result.stats
+        for i, tokens in enumerate(result.tokens):
+            if tokens and tokens[-1] == tok.eot_token and not args.ignore_eot:
+                tokens = tokens[:-1]
+            if args.num_samples > 1:
+                out.write(f"---------- sample {i + 1} of {args.num_samples} ----------\n")
+            out.write(args.prompt + tok.decode(tokens) + "\n")
+    out.flush()
+    print(
+        f"[{stats.new_tokens} tokens x {stats.num_samples} sample(s) in "
+        f"{stats.prefill_seconds + stats.decode_seconds:.2f}s: {stats.tokens_per_second:.1f} tokens/s "
+        f"on {device.type}, seed {seed}]",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,229 @@
+"""Text generation: prefill once, then decode one token at a time from a preallocated KV cache.
+
+Context longer than the model's window (`block_size`) is handled by cropping and sliding:
+a prompt longer than the window keeps only its last `block_size` tokens, and when the cache is full the
+window slides: the oldest half is dropped and the newest `block_size // 2` tokens are prefilled again
+(GPT-2's positions are absolute, so cached keys cannot simply be shifted). Every token is therefore
+predicted from between `block_size // 2` and `block_size` tokens of context. The uncached path
+(`use_cache=False`) follows exactly the same windows, recomputing the whole window at every step.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import GPT, KVCache
+from .tokenizer import Tokenizer
+
+
+def filter_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits of each row (B, V); the rest become -inf. Ties at the k-th value stay."""
+    if k is None or k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+    probabilities sum to at least p (always at least one token); the rest become -inf. (B, V) -> (B, V)."""
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the first token always has mass_before = 0
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token per row from (B, V) logits; temperature 0 is greedy (argmax). Returns (B,) int64."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    logits = filter_top_p(filter_top_k(logits, top_k), top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # per sample
+    num_samples: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    slides: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens (all samples) per second of prefill + decode."""
+        total = self.prefill_seconds + self.decode_seconds
+        return self.new_tokens * self.num_samples / total if total > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    """Per-sample new tokens (without the prompt), cut after `<|endoftext|>` when stopping on it."""
+
+    tokens: list[list[int]]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def generate_tokens(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sample, (num_samples,) int64 on the model's device, step by step.
+
+    All samples share the prompt and are decoded as one batch. Stopping (at `<|endoftext|>` or
+    otherwise) is the caller's choice: break out of the loop.
+    """
+    # One sequence on CPU: decoding is a row vector times each weight, which is faster with the
+    # weights stored the other way round (see GPT.set_row_vector_layout).
+    model.set_row_vector_layout(use_cache and num_samples == 1 and model.device.type == "cpu")
+    yield from _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache, stats)
+
+
+@torch.inference_mode()
+def _decode(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    num_samples: int,
+    seed: int | None,
+    use_cache: bool,
+    stats: GenerationStats | None,
+) -> Iterator[torch.Tensor]:
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. <|endoftext|>)")
+    if max_new_tokens < 0 or num_samples < 1:
+        raise ValueError("max_new_tokens must be >= 0 and num_samples >= 1")
+    device = model.device
+    block = model.config.block_size
+    keep = max(1, block // 2)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    stats = stats if stats is not None else GenerationStats()
+    stats.num_samples = num_samples
+    prompt_t = torch.tensor(list(prompt)[-block:], dtype=torch.long, device=device)
+    seq = prompt_t.unsqueeze(0).expand(num_samples, -1).clone()  # (S, L): every token so far
+    stats.prompt_tokens = len(prompt)
+    start = 0  # the model's window is seq[:, start:]
+    cache = None
+    if use_cache:
+        cache = KVCache(model.config, num_samples, device=device, dtype=model.lm_head.weight.dtype)
+
+    def window_logits(new_start: int) -> torch.Tensor:
+        if cache is not None:
+            cache.reset()
+        logits, _ = model(seq[:, new_start:], cache=cache, last_only=True)
+        return logits[:, -1, :]  # (S, V)
+
+    t0 = time.perf_counter()
+    logits = window_logits(start)
+    stats.prefill_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (S,)
+        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        stats.new_tokens = step + 1
+        stats.decode_seconds = time.perf_counter() - t0
+        yield nxt
+        if step + 1 == max_new_tokens:
+            break
+        if seq.size(1) - start > block:  # the window is full: slide it
+            start = seq.size(1) - keep
+            stats.slides += 1
+            logits = window_logits(start)
+        elif cache is not None:
+            logits = model(nxt.unsqueeze(1), cache=cache, last_only=True)[0][:, -1, :]
+        else:
+            logits = window_logits(start)
+    stats.decode_seconds = time.perf_counter() - t0
+
+
+def generate(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    eot_token: int | None = None,
+    use_cache: bool = True,
+) -> Generation:
+    """Generate up to `max_new_tokens` per sample. With `eot_token` set, a sample ends at (and keeps)
+    its first `<|endoftext|>`, and decoding stops once every sample has ended."""
+    stats = GenerationStats()
+    outs: list[list[int]] = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    for nxt in generate_tokens(
+        model, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache, stats
+    ):
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                outs[i].append(t)
+                done[i] = eot_token is not None and t == eot_token
+        if all(done):
+            break
+    return Generation(outs, stats)
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eot: bool = True,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Yield the continuation of one prompt as text, piece by piece, as soon as each piece is whole
+    UTF-8: a character split across tokens (emoji, CJK) is held back until its last byte arrives."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for nxt in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, 1, seed, True, stats):
+        token = int(nxt[0])
+        if stop_at_eot and token == tokenizer.eot_token:
+            break
+        piece = decoder.decode(tokenizer.decode_bytes([token]))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail

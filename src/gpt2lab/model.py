@@ -1,0 +1,260 @@
+"""GPT-2, top to bottom.
+
+The architecture is OpenAI's GPT-2 as released (gpt-2/src/model.py) and as Hugging Face implements it
+(transformers/models/gpt2/modeling_gpt2.py): learned token and position embeddings, pre-LayerNorm
+blocks, causal self-attention, a 4x MLP with tanh-approximated GELU, a final LayerNorm and an output
+projection tied to the token embedding. Parameter names are GPT-2's own (`wte`, `wpe`, `h`, `ln_1`,
+`c_attn`, ...), so the Hugging Face bridge only has to transpose the Conv1D weights.
+
+Shapes: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, V = vocab size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    `k` and `v` have shape (n_layer, B, nh, max_len, hs). `pos` counts the positions already filled;
+    a forward pass with the cache writes its T new positions at [pos, pos + T) in every layer and then
+    advances `pos` by T.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        max_len = config.block_size if max_len is None else max_len
+        if max_len > config.block_size:
+            raise ValueError(f"KVCache max_len {max_len} exceeds the model's block_size {config.block_size}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nh, T, hs) keys/values at the current position; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, pos + T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True  # scaled at init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None or cache.pos == 0:
+            if cache is not None:
+                cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            if T == 1:  # one new query attends to every cached position: no mask needed
+                mask = None
+            else:  # query i sits at absolute position past + i and sees keys 0 .. past + i
+                rows = torch.arange(T, device=x.device).unsqueeze(1) + past
+                mask = torch.arange(past + T, device=x.device).unsqueeze(0) <= rows  # (T, past + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        # GPT-2's gelu is the tanh approximation (HF's "gelu_new").
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._row_vector_layout = False  # see set_row_vector_layout
+        V = config.padded_vocab_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(V, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        # Weight tying (GPT-2, and Press & Wolf 2017): the output projection is the token embedding.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 initialisation: N(0, 0.02) everywhere, and the two projections that write into the
+        # residual stream scaled by 1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3), zero biases.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module is self.transformer.wte and self.config.padded_vocab_size > self.config.vocab_size:
+                with torch.no_grad():
+                    module.weight[self.config.vocab_size :].zero_()  # padding rows are never used
+
+    def num_params(self, include_padding: bool = False) -> int:
+        """Parameter count, tied weights once; padding rows of the vocabulary left out by default."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_padding:
+            n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        return n
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: GPTConfig,
+        state_dict: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> GPT:
+        """Build a model straight from weights, skipping the random initialisation."""
+        with torch.device("meta"):
+            model = cls(config)
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True unties: tie again
+        return model
+
+    def set_row_vector_layout(self, enabled: bool) -> None:
+        """Store every Linear weight (out, in) as the transpose of an (in, out) contiguous matrix, or
+        back; values, shapes and parameter objects do not change, only the memory order.
+
+        Decoding one sequence multiplies a single row vector by each weight. On CPU, MKL streams an
+        (in, out) matrix for that product about 1.4x faster than nn.Linear's (out, in) storage
+        (bench/generate.py), and decoding is bound by reading the weights. Batched matmuls (training,
+        prefill, several samples) prefer the usual order, so `generate` picks the layout per call and
+        `train()` always restores the usual one. Converting costs about one copy of the weights.
+        """
+        if enabled == self._row_vector_layout:
+            return
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    w = m.weight.data
+                    m.weight.data = w.t().contiguous().t() if enabled else w.contiguous()
+        self._row_vector_layout = enabled
+
+    def train(self, mode: bool = True) -> GPT:
+        if mode:
+            self.set_row_vector_layout(False)
+        return super().train(mode)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position, and the mean cross-entropy when `targets` are given.
+
+        idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
+        cache: a KVCache; the T tokens are placed after the `cache.pos` cached ones, which it extends.
+        last_only: compute logits for the final position only (for generation): (B, 1, V).
+        Returns logits (B, T, V) with V = config.vocab_size, and the loss (a scalar) or None.
+        """
+        B, T = idx.size()
+        start = 0 if cache is None else cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context ({self.config.block_size})"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, padded V)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, V): padding never enters a softmax
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper appendix B:
+        6 * N (non-embedding matmul params + lm_head) + 12 * n_layer * n_embd * T for attention."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        n = self.num_params(include_padding=True) - self.transformer.wpe.weight.numel()
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * T
+
+
+def count_parameters(config: GPTConfig) -> int:
+    """Unpadded parameter count of a config, without building the model."""
+    C, L, V, P = config.n_embd, config.n_layer, config.vocab_size, config.block_size
+    per_layer = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    return V * C + P * C + L * per_layer + 2 * C
