@@ -1,0 +1,60 @@
+"""Fetching a public file once into gpt2lab's cache (Tiny Shakespeare, HellaSwag, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import GPT2LabError
+from .fileio import atomic_open
+from .runtime import cache_dir
+
+
+def cached_download(url: str, name: str, sha256: str | None = None, timeout: float = 30.0) -> Path:
+    """Path of `name` in the cache, downloading it from `url` first if it is not there yet.
+
+    The file is streamed to a temporary name and renamed when complete (and its sha256 matches, when
+    given), so an interrupted download never leaves a partial file under the final name.
+    """
+    path = cache_dir() / name
+    if path.is_file() and (sha256 is None or _sha256(path) == sha256):
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            from tqdm.auto import tqdm
+
+            h = hashlib.sha256()
+            with (
+                atomic_open(path, "wb") as f,
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}", leave=False) as bar,
+            ):
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+                if sha256 is not None and h.hexdigest() != sha256:
+                    raise GPT2LabError(
+                        f"{url} downloaded with sha256 {h.hexdigest()}, expected {sha256}; try again later"
+                    )
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise GPT2LabError(
+            f"could not download {url} ({reason}); download it yourself and pass its local path, or place it at {path}"
+        ) from None
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return _sha256(Path(path))
