@@ -105,7 +105,9 @@ def generate_tokens(
     """
     # One sequence on CPU: decoding is a row vector times each weight, which is faster with the
     # weights stored the other way round (see GPT.set_row_vector_layout).
-    model.set_row_vector_layout(use_cache and num_samples == 1 and model.device.type == "cpu")
+    model.set_row_vector_layout(
+        use_cache and num_samples == 1 and model.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+    )
     yield from _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache, stats)
 
 
@@ -201,6 +203,24 @@ def generate(
     return Generation(outs, stats)
 
 
+class TextStreamer:
+    """Turns tokens into text pieces that always end on a whole UTF-8 character.
+
+    A character split across tokens (emoji, CJK, combining sequences of bytes) is held back until its
+    last byte arrives; bytes that can never form valid UTF-8 come out as U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
 def stream_text(
     model: GPT,
     tokenizer: Tokenizer,
@@ -213,17 +233,17 @@ def stream_text(
     stop_at_eot: bool = True,
     stats: GenerationStats | None = None,
 ) -> Iterator[str]:
-    """Yield the continuation of one prompt as text, piece by piece, as soon as each piece is whole
-    UTF-8: a character split across tokens (emoji, CJK) is held back until its last byte arrives."""
+    """Yield the continuation of one prompt as text, piece by piece, each piece ending on a whole
+    UTF-8 character (see TextStreamer)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    streamer = TextStreamer(tokenizer)
     for nxt in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, 1, seed, True, stats):
         token = int(nxt[0])
         if stop_at_eot and token == tokenizer.eot_token:
             break
-        piece = decoder.decode(tokenizer.decode_bytes([token]))
+        piece = streamer.push(token)
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
+    tail = streamer.flush()
     if tail:
         yield tail

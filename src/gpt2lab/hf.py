@@ -269,6 +269,9 @@ def download(name: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    # 'runs/foo' may be a Hub id or a mistyped local path: say both.
+    also = f" (and there is no local path {name!r})" if "/" in name else ""
+
     def fetch(patterns: list[str]) -> Path:
         try:  # the cache first, so a model downloaded once works offline
             return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
@@ -281,13 +284,13 @@ def download(name: str) -> Path:
             folder = fetch(["config.json", "pytorch_model*.bin", BIN_INDEX])
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
         raise GPT2LabError(
-            f"model {name!r} ({repo_id}) was not found on the Hugging Face Hub (or needs a login); "
+            f"model {name!r} ({repo_id}) was not found on the Hugging Face Hub (or needs a login){also}; "
             "check the name, or pass a local directory holding config.json and model.safetensors"
         ) from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GPT2LabError(
-            f"could not download model {name!r} ({repo_id}) from the Hugging Face Hub ({reason}); "
+            f"could not download model {name!r} ({repo_id}) from the Hugging Face Hub ({reason}){also}; "
             "connect to the internet once to cache it, or pass a local directory holding "
             "config.json and model.safetensors"
         ) from None

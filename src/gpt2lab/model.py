@@ -136,6 +136,8 @@ class GPT(nn.Module):
         # Weight tying (GPT-2, and Press & Wolf 2017): the output projection is the token embedding.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        with torch.no_grad():
+            self.transformer.wte.weight[config.vocab_size :].zero_()  # padding rows are never used
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 initialisation: N(0, 0.02) everywhere, and the two projections that write into the
@@ -149,9 +151,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module is self.transformer.wte and self.config.padded_vocab_size > self.config.vocab_size:
-                with torch.no_grad():
-                    module.weight[self.config.vocab_size :].zero_()  # padding rows are never used
 
     def num_params(self, include_padding: bool = False) -> int:
         """Parameter count, tied weights once; padding rows of the vocabulary left out by default."""
