@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import GPT2LabError
-from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json
+from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, fsync_dir
 from .model import GPT
 
 META_FILE = "gpt2lab.json"
@@ -175,3 +176,128 @@ def load_model(
     from .hf import from_hf
 
     return from_hf(name_or_path, device=device, dtype=torch_dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training checkpoints: the model files above, plus what it takes to continue the run bit for bit.
+#
+#   checkpoints/step_00001000/
+#     model.safetensors       weights (as above)
+#     gpt2lab.json            as above, plus "training": {"step", "tokens", "val_loss", "config"}
+#     optimizer.safetensors   AdamW state tensors, named "<parameter name>.<exp_avg|exp_avg_sq|step>"
+#     trainer.json            step and token counters, optimizer groups, and per rank: RNG + loader state
+#
+# The directory is built under a hidden temporary name and renamed into place, so `step_*` directories
+# are always complete; a kill -9 mid-write leaves only a hidden `.step_*.tmp-*` directory, which the
+# next run removes. Old checkpoints are renamed to a hidden name before deletion for the same reason.
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_FILE = "trainer.json"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_SUBDIR / f"step_{step:08d}"
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return is_checkpoint(path) and (path / TRAINER_FILE).is_file() and (path / OPTIMIZER_FILE).is_file()
+
+
+def find_latest_training(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run that can be resumed (model, optimizer and trainer state)."""
+    found = [p for p in find_checkpoints(run_dir) if is_training_checkpoint(p)]
+    return found[-1] if found else None
+
+
+def save_training_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: GPT,
+    tokenizer_info: dict[str, Any],
+    optimizer_tensors: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    training_meta: dict[str, Any],
+) -> Path:
+    """Write `checkpoints/step_<step>/` of `run_dir` atomically and return it.
+
+    A checkpoint that already exists for this step is left as it is (the state of a run is a function
+    of its step, and replacing it would briefly leave no complete copy). A failure to write (full disk,
+    permissions) raises GPT2LabError and leaves every earlier checkpoint as it was.
+    """
+    dest = checkpoint_dir(run_dir, step)
+    if is_training_checkpoint(dest):
+        return dest
+    try:
+        with atomic_dir(dest, overwrite=True) as tmp:
+            atomic_save_safetensors(tmp / OPTIMIZER_FILE, optimizer_tensors, metadata={"format": "pt"})
+            atomic_write_json(tmp / TRAINER_FILE, trainer_state)
+            # gpt2lab.json last: a directory holding it is a complete checkpoint.
+            write_model_files(tmp, model, tokenizer_info, {"training": training_meta})
+    except OSError as e:
+        previous = find_latest_training(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise GPT2LabError(
+            f"could not write checkpoint {dest}: {e.strerror or e}; {kept}. Free disk space or fix the "
+            "permissions, then continue with --resume auto"
+        ) from None
+    return dest
+
+
+def load_training_checkpoint(
+    folder: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(metadata, model weights, optimizer tensors, trainer state) of a training checkpoint, on the CPU."""
+    folder = Path(folder)
+    if not is_training_checkpoint(folder):
+        raise GPT2LabError(
+            f"{folder} is not a complete training checkpoint ({META_FILE}, {OPTIMIZER_FILE}, {TRAINER_FILE}); "
+            "to start from its weights with a fresh optimizer use --init-from instead"
+        )
+    from .hf import _load_safetensors
+
+    meta = read_meta(folder)
+    try:
+        trainer_state = json.loads((folder / TRAINER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise GPT2LabError(f"cannot read {folder / TRAINER_FILE}: {e}") from None
+    return meta, _load_safetensors(folder / WEIGHTS_FILE), _load_safetensors(folder / OPTIMIZER_FILE), trainer_state
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
+    """Delete hidden half-written or half-deleted checkpoint directories left by a killed run."""
+    root = Path(run_dir) / CHECKPOINTS_SUBDIR
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.is_dir() and child.name.startswith(".step_"):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_best: bool) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints and, with `keep_best`, the one with the lowest
+    val loss. Returns the deleted paths. Each is first renamed to a hidden name, so a kill mid-delete
+    never leaves a `step_*` directory that looks complete but is not."""
+    found = find_checkpoints(run_dir)
+    keep = set(found[-keep_last:])
+    if keep_best:
+        scored = [(v, p) for p in found if (v := _val_loss_of(p)) is not None]
+        if scored:
+            keep.add(min(scored, key=lambda vp: vp[0])[1])
+    removed = []
+    for path in found:
+        if path not in keep:
+            doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        fsync_dir(Path(run_dir) / CHECKPOINTS_SUBDIR)
+    return removed
+
+
+def _val_loss_of(folder: Path) -> float | None:
+    try:
+        value = read_meta(folder).get("training", {}).get("val_loss")
+    except GPT2LabError:
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
