@@ -24,12 +24,14 @@ from .config import GPTConfig
 from .errors import GPT2LabError
 from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, fsync_dir
 from .model import GPT
+from .tokenizer import DESCRIPTOR, Tokenizer, get_tokenizer, load_tokenizer_dir
 
 META_FILE = "gpt2lab.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 CHECKPOINTS_SUBDIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TOKENIZER_SUBDIR = "tokenizer"
 
 
 def package_version() -> str:
@@ -45,10 +47,20 @@ def model_weights(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def write_model_files(
-    folder: Path, model: GPT, tokenizer_info: dict[str, Any], extra: dict[str, Any] | None = None
+    folder: Path, model: GPT, tokenizer: Tokenizer | dict[str, Any], extra: dict[str, Any] | None = None
 ) -> None:
-    """Write model.safetensors and gpt2lab.json into an existing (temporary) folder."""
+    """Write model.safetensors and gpt2lab.json into an existing (temporary) folder.
+
+    A trained tokenizer (one with its own directory) is copied into `tokenizer/`, so the checkpoint
+    carries everything `sample`, `eval` and `convert` need; GPT-2's is recorded by name and hash.
+    """
     model = getattr(model, "_orig_mod", model)
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer_info = tokenizer.info()
+        if tokenizer.path is not None:
+            copy_tokenizer_files(tokenizer, folder / TOKENIZER_SUBDIR)
+    else:
+        tokenizer_info = tokenizer
     atomic_save_safetensors(folder / WEIGHTS_FILE, model_weights(model), metadata={"format": "pt"})
     meta = {
         "format": "gpt2lab",
@@ -64,7 +76,7 @@ def write_model_files(
 def save_model(
     model: GPT,
     out_dir: str | os.PathLike,
-    tokenizer_info: dict[str, Any],
+    tokenizer: Tokenizer | dict[str, Any],
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -73,7 +85,7 @@ def save_model(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise GPT2LabError(f"{out} already exists and is not empty; choose a new --out or pass --overwrite")
     with atomic_dir(out, overwrite=True) as tmp:
-        write_model_files(tmp, model, tokenizer_info, extra)
+        write_model_files(tmp, model, tokenizer, extra)
     return out
 
 
@@ -176,6 +188,62 @@ def load_model(
     from .hf import from_hf
 
     return from_hf(name_or_path, device=device, dtype=torch_dtype).eval()
+
+
+def copy_tokenizer_files(tokenizer: Tokenizer, dest: Path) -> None:
+    """Copy a trained tokenizer's directory (descriptor, ranks, HF JSON) into `dest`, atomically per file."""
+    from .fileio import atomic_write_bytes
+
+    assert tokenizer.path is not None
+    for src in sorted(tokenizer.path.iterdir()):
+        if src.is_file() and not src.name.startswith("."):
+            atomic_write_bytes(dest / src.name, src.read_bytes())
+
+
+def checkpoint_tokenizer(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Tokenizer:
+    """The tokenizer a gpt2lab checkpoint was trained with (its copied files, or GPT-2's)."""
+    folder = Path(folder)
+    meta = read_meta(folder) if meta is None else meta
+    info = meta.get("tokenizer") or {"name": "gpt2"}
+    if (folder / TOKENIZER_SUBDIR / DESCRIPTOR).is_file():
+        tok = load_tokenizer_dir(folder / TOKENIZER_SUBDIR)
+    elif info.get("name") == "gpt2":
+        tok = get_tokenizer()
+    else:
+        raise GPT2LabError(
+            f"{folder} was trained with tokenizer {info.get('name')!r}, whose files are not in the checkpoint; "
+            "pass its directory with --tokenizer"
+        )
+    if info.get("vocab_hash") not in (None, tok.vocab_hash):
+        raise GPT2LabError(
+            f"{folder}: the tokenizer found ({tok.name}) differs from the one the model was trained with "
+            f"({info.get('name')}, vocab hash {str(info.get('vocab_hash'))[:12]}...)"
+        )
+    return tok
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+) -> tuple[GPT, Tokenizer]:
+    """`load_model`, plus the tokenizer that goes with it: the one given, the one a gpt2lab checkpoint
+    carries, or GPT-2's. A vocabulary that does not match the tokenizer is an error."""
+    model = load_model(name_or_path, device=device, dtype=dtype)
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    elif tokenizer is not None:
+        tok = get_tokenizer(tokenizer)
+    else:
+        ckpt = resolve_checkpoint(name_or_path) if Path(name_or_path).expanduser().is_dir() else None
+        tok = checkpoint_tokenizer(ckpt) if ckpt is not None else get_tokenizer()
+    if model.config.vocab_size != tok.n_vocab:
+        raise GPT2LabError(
+            f"{name_or_path} has a vocabulary of {model.config.vocab_size} tokens but tokenizer {tok.name} has "
+            f"{tok.n_vocab}; pass the tokenizer the model was trained with (--tokenizer DIR)"
+        )
+    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -345,26 +345,26 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer, over
 
 
 def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, bytes]:
-    """vocab.json, merges.txt and the tokenizer configs that `AutoTokenizer` reads for GPT-2."""
-    if tokenizer.name != "gpt2":
-        raise GPT2LabError(f"exporting tokenizer {tokenizer.name!r} to Hugging Face is not supported")
-    from .tokenizer import EOT_TEXT, gpt2_data_dir
+    """The files `AutoTokenizer.from_pretrained` reads: GPT-2's vocab.json + merges.txt, or for a trained
+    tokenizer the `tokenizers` JSON written when it was trained; plus the tokenizer configs."""
+    from .tokenizer import EOT_TEXT, HF_FILE, gpt2_data_dir
 
-    folder = gpt2_data_dir()
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model_max_length,
-        "bos_token": EOT_TEXT,
-        "eos_token": EOT_TEXT,
-        "unk_token": EOT_TEXT,
-        "add_prefix_space": False,
-        "add_bos_token": False,
-        "errors": "replace",
-    }
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
-    return {
-        "vocab.json": (folder / "encoder.json").read_bytes(),
-        "merges.txt": (folder / "vocab.bpe").read_bytes(),
-        "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode(),
-        "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode(),
-    }
+    config = {"model_max_length": model_max_length, **special, "add_prefix_space": False, "add_bos_token": False}
+    files: dict[str, bytes] = {}
+    if tokenizer.path is None:
+        if tokenizer.name != "gpt2":
+            raise GPT2LabError(f"exporting tokenizer {tokenizer.name!r} to Hugging Face is not supported")
+        folder = gpt2_data_dir()
+        files["vocab.json"] = (folder / "encoder.json").read_bytes()
+        files["merges.txt"] = (folder / "vocab.bpe").read_bytes()
+        config.update(tokenizer_class="GPT2Tokenizer", errors="replace")
+    else:
+        hf_json = tokenizer.path / HF_FILE
+        if not hf_json.is_file():
+            raise GPT2LabError(f"{tokenizer.path} has no {HF_FILE}; the tokenizer cannot be exported to Hugging Face")
+        files[HF_FILE] = hf_json.read_bytes()
+        config.update(tokenizer_class="PreTrainedTokenizerFast")
+    files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    files["special_tokens_map.json"] = (json.dumps(special, indent=2) + "\n").encode()
+    return files

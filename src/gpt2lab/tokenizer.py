@@ -90,9 +90,10 @@ class Tokenizer:
     inject a document separator by accident.
     """
 
-    def __init__(self, encoding: tiktoken.Encoding, eot_text: str = EOT_TEXT) -> None:
+    def __init__(self, encoding: tiktoken.Encoding, eot_text: str = EOT_TEXT, path: Path | None = None) -> None:
         self.encoding = encoding
         self.name = encoding.name
+        self.path = path  # the directory of a trained tokenizer; None for GPT-2's
         if eot_text not in encoding._special_tokens:
             raise ValueError(f"tokenizer {encoding.name!r} has no {eot_text!r} special token")
         self.eot_token = encoding._special_tokens[eot_text]
@@ -117,6 +118,10 @@ class Tokenizer:
         for text, rank in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
             h.update(b"special %s %d\n" % (text.encode(), rank))
         return h.hexdigest()
+
+    def info(self) -> dict[str, object]:
+        """What manifests and checkpoints record to identify this tokenizer."""
+        return {"name": self.name, "vocab_hash": self.vocab_hash, "n_vocab": self.n_vocab}
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         allowed = set(allowed_special) if allowed_special != "all" else "all"
@@ -163,8 +168,81 @@ def _gpt2() -> Tokenizer:
     return Tokenizer(encoding)
 
 
-def get_tokenizer(name: str | None = "gpt2") -> Tokenizer:
-    """The tokenizer called `name`; GPT-2's (50257 tokens, built offline) by default."""
-    if name in (None, "gpt2", "r50k_base"):
+# ----------------------------------------------------------------------------- trained tokenizers
+# A trained tokenizer is a directory holding
+#   tokenizer.tiktoken    its merge ranks in tiktoken's format: "base64(token) rank" per line
+#   tokenizer.json        the same BPE as the Hugging Face `tokenizers` library writes it (for export)
+#   gpt2lab_tokenizer.json  name, split pattern, special tokens, n_vocab, sha256 of both files, vocab_hash
+DESCRIPTOR = "gpt2lab_tokenizer.json"
+RANKS_FILE = "tokenizer.tiktoken"
+HF_FILE = "tokenizer.json"
+
+
+def read_ranks(data: bytes, source: str) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise GPT2LabError(f"{source}, line {n}: expected 'base64-token rank'") from None
+    return ranks
+
+
+def write_ranks(ranks: dict[bytes, int]) -> bytes:
+    return b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_dir(folder: Path, mtime_ns: int) -> Tokenizer:
+    desc_path = folder / DESCRIPTOR
+    try:
+        desc = json.loads(desc_path.read_text())
+        name, pattern, special = desc["name"], desc["pattern"], desc["special_tokens"]
+        n_vocab, files = int(desc["n_vocab"]), desc["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GPT2LabError(f"cannot read the tokenizer description {desc_path}: {e}") from None
+    data = (folder / RANKS_FILE).read_bytes() if (folder / RANKS_FILE).is_file() else None
+    if data is None:
+        raise GPT2LabError(f"{folder} has no {RANKS_FILE}: the tokenizer directory is incomplete")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != files.get(RANKS_FILE):
+        raise GPT2LabError(
+            f"{folder / RANKS_FILE} has sha256 {digest}, but {DESCRIPTOR} expects {files.get(RANKS_FILE)}: "
+            "the tokenizer files were changed or damaged; train or copy the tokenizer again"
+        )
+    ranks = read_ranks(data, str(folder / RANKS_FILE))
+    try:
+        encoding = tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=n_vocab
+        )
+    except (ValueError, AssertionError) as e:
+        raise GPT2LabError(f"{folder}: the tokenizer files are inconsistent ({e})") from None
+    tok = Tokenizer(encoding, path=folder)
+    if desc.get("vocab_hash") not in (None, tok.vocab_hash):
+        raise GPT2LabError(f"{desc_path}: vocab_hash does not match the files; the tokenizer directory is damaged")
+    return tok
+
+
+def load_tokenizer_dir(folder: str | os.PathLike) -> Tokenizer:
+    """A tokenizer trained by `gpt2lab tokenizer train`, from its directory (checked against its sha256)."""
+    folder = Path(folder).expanduser().resolve()
+    desc = folder / DESCRIPTOR
+    if not desc.is_file():
+        raise GPT2LabError(
+            f"{folder} is not a tokenizer directory (no {DESCRIPTOR}); make one with 'gpt2lab tokenizer train'"
+        )
+    return _load_dir(folder, desc.stat().st_mtime_ns)
+
+
+def get_tokenizer(name_or_path: str | os.PathLike | None = "gpt2") -> Tokenizer:
+    """GPT-2's tokenizer (50257 tokens, built offline) by default, or a trained one from its directory."""
+    if name_or_path in (None, "gpt2", "r50k_base"):
         return _gpt2()
-    raise GPT2LabError(f"unknown tokenizer {name!r}: use 'gpt2'")
+    if Path(name_or_path).expanduser().is_dir():
+        return load_tokenizer_dir(name_or_path)
+    raise GPT2LabError(
+        f"unknown tokenizer {str(name_or_path)!r}: use 'gpt2' or a directory made by 'gpt2lab tokenizer train'"
+    )

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model_and_tokenizer, save_model
 from ..hf import export_hf
-from ..tokenizer import get_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,16 +20,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--to-hf", metavar="CKPT", help="gpt2lab checkpoint or run directory to export")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the checkpoint's, or GPT-2's)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    tok = get_tokenizer()
     if args.from_hf:
-        model = load_model(args.from_hf)
-        save_model(model, args.out, {"name": tok.name, "vocab_hash": tok.vocab_hash}, overwrite=args.overwrite)
+        model, tok = load_model_and_tokenizer(args.from_hf, tokenizer=args.tokenizer)
+        save_model(model, args.out, tok, overwrite=args.overwrite)
         print(f"wrote gpt2lab checkpoint {args.out} ({model.num_params():,} parameters) from {args.from_hf}")
     else:
-        model = load_model(args.to_hf)
+        model, tok = load_model_and_tokenizer(args.to_hf, tokenizer=args.tokenizer)
         export_hf(model, args.out, tok, overwrite=args.overwrite)
         print(f"wrote Hugging Face GPT-2 directory {args.out} ({model.num_params():,} parameters)")
     return 0

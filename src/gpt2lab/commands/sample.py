@@ -11,11 +11,10 @@ import argparse
 import random
 import sys
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model_and_tokenizer
 from ..errors import GPT2LabError
 from ..generate import GenerationStats, generate, stream_text
 from ..runtime import resolve_device, resolve_dtype
-from ..tokenizer import get_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     p.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the checkpoint's, or GPT-2's)"
+    )
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -53,13 +55,9 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype))
-    tok = get_tokenizer()
-    if model.config.vocab_size != tok.n_vocab:
-        raise GPT2LabError(
-            f"{args.model} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer has "
-            f"{tok.n_vocab}; it was trained with another tokenizer"
-        )
+    model, tok = load_model_and_tokenizer(
+        args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer
+    )
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_token]
     top_k = args.top_k or None
