@@ -18,6 +18,8 @@ from .errors import GPT2LabError
 COMMANDS = {
     "sample": "sample",
     "convert": "convert",
+    "train": "train",
+    "plot": "plot",
 }
 
 EXIT_USER_ERROR = 1

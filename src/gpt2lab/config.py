@@ -132,6 +132,7 @@ class DataSection:
     """Token shards made by `gpt2lab prepare` (or llm.c): train and val splits in one directory."""
 
     dir: str = "data/fineweb-edu-10B"
+    tokenizer: str = "gpt2"  # or a directory made by `gpt2lab tokenizer train`; must match the shards
     shuffle: bool = True
 
 

@@ -1,0 +1,54 @@
+"""The model a run starts from: fresh (GPT-2 initialisation), pretrained weights, or a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, resolve_checkpoint
+from ..config import GPTConfig, TrainConfig
+from ..errors import GPT2LabError
+from ..model import GPT
+
+
+def fresh_model(cfg: TrainConfig, vocab_size: int) -> GPT:
+    """A randomly initialised GPT of the run's [model] shape (draws from torch's global RNG)."""
+    return GPT(cfg.model_config(vocab_size=vocab_size))
+
+
+def pretrained_model(cfg: TrainConfig, vocab_size: int) -> GPT:
+    """The weights of `train.init_from` (Hub name, HF directory, gpt2lab checkpoint or run directory),
+    with the run's dropout and vocabulary padding; the shape is the source's."""
+    source = cfg.train.init_from
+    explicit = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg.model, k) is not None]
+    if explicit:
+        raise GPT2LabError(
+            f"model.{explicit[0]} cannot be set together with train.init_from: the shape comes from {source}"
+        )
+    if Path(source).expanduser().is_dir() and resolve_checkpoint(Path(source).expanduser()) is not None:
+        source = str(resolve_checkpoint(Path(source).expanduser()))
+    loaded = load_model(source)
+    if loaded.config.vocab_size != vocab_size:
+        raise GPT2LabError(
+            f"{source} has a vocabulary of {loaded.config.vocab_size} tokens but the data was tokenized with "
+            f"{vocab_size}; fine-tune on data prepared with the model's tokenizer"
+        )
+    return with_shape(
+        loaded, loaded.config.replace(dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    )
+
+
+def with_shape(model: GPT, config: GPTConfig) -> GPT:
+    """`model`'s weights under `config`, which may differ in dropout and vocabulary padding only; new
+    padding rows are zero (they never reach a softmax), dropped padding rows were unused."""
+    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    wte = weights["transformer.wte.weight"][: config.vocab_size]  # (V, C)
+    pad = config.padded_vocab_size - config.vocab_size
+    weights["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(pad, wte.size(1))])  # (padded V, C)
+    return GPT.from_state_dict(config, weights).train()
+
+
+def model_from_checkpoint(config: GPTConfig, weights: dict[str, torch.Tensor]) -> GPT:
+    """The model of a training checkpoint, as `config` with `weights` copied in bit for bit."""
+    return GPT.from_state_dict(config, weights).train()

@@ -1,0 +1,131 @@
+"""What the loop evaluates every `eval.every` steps, and the hook where evaluations plug in.
+
+Validation loss and HellaSwag come from `gpt2lab.eval.during_training.eval_metrics`: the val split's
+first `eval.val_tokens` tokens, cut into fixed windows that every rank count shares, so the number is
+the same for one process or eight. A short sample from a fixed prompt and seed shows progress in words.
+
+Any other evaluation is an `EvalTask`: a callable run on every rank with the (possibly DDP- or
+compile-wrapped) model and an `EvalContext`, returning a flat dict of numbers for metrics.jsonl, e.g.
+
+    def my_task(model, ctx):
+        return {"my_accuracy": 0.42}
+    train(cfg, eval_tasks=[my_task])
+
+Named tasks (`eval.tasks = ["hellaswag"]` in a config) are listed in NAMED_TASKS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import GPT2LabError
+from ..generate import generate
+from ..model import GPT
+from ..runtime import rng_state, set_rng_state
+from ..tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Where an evaluation runs: the step, this rank's place and device, the precision, the tokenizer."""
+
+    step: int
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: Tokenizer
+    seq_len: int
+    batch_size: int
+
+
+EvalTask = Callable[[nn.Module, EvalContext], dict[str, float]]
+
+NAMED_TASKS = ("hellaswag",)
+
+
+class Evaluator:
+    """Runs the val loss, the named tasks and any EvalTasks; the same dict comes back on every rank.
+
+    Global RNG states are saved before and restored after, so evaluating never changes what the
+    training steps draw (a resumed run evaluates at other steps than an unbroken one may have).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        tokenizer: Tokenizer,
+        val_tokens: int,
+        tasks: Sequence[str],
+        extra: Sequence[EvalTask],
+        rank: int,
+        world_size: int,
+    ) -> None:
+        from ..eval import during_training
+
+        unknown = [t for t in tasks if t not in NAMED_TASKS]
+        if unknown:
+            raise GPT2LabError(f"eval.tasks: unknown task {unknown[0]!r}; available: {', '.join(NAMED_TASKS)}")
+        self.tokenizer = tokenizer
+        self.val_tokens = val_tokens
+        self.val_data = during_training.open_val_tokens(data_dir, tokenizer) if val_tokens > 0 else None
+        self.hellaswag_items = None
+        if "hellaswag" in tasks:
+            from ..eval import hellaswag
+
+            self.hellaswag_items = hellaswag.load_validation(rank=rank, world_size=world_size)
+        self.extra = list(extra)
+
+    def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        from ..eval import during_training
+
+        saved = rng_state()
+        try:
+            metrics = during_training.eval_metrics(
+                model,
+                device=ctx.device,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                autocast_dtype=ctx.autocast_dtype,
+                val_data=self.val_data,
+                val_max_tokens=self.val_tokens,
+                val_batch_size=ctx.batch_size,
+                val_seq_len=ctx.seq_len,
+                hellaswag_items=self.hellaswag_items,
+                hellaswag_batch_size=ctx.batch_size,
+                tokenizer=self.tokenizer,
+            )
+            for task in self.extra:
+                metrics.update(task(model, ctx))
+        finally:
+            set_rng_state(saved)
+        return metrics
+
+
+def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    """A continuation of `prompt` (temperature 0.8, top-k 200, fixed seed), decoded; the model's
+    mode is restored and the global RNGs are not touched (generation has its own generator)."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
+        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed, eot_token=None)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out.tokens[0])
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """One line for the terminal: "val loss 3.2904 | hellaswag_acc_norm 0.2955"."""
+    parts = []
+    for key, value in metrics.items():
+        if key == "val_loss":
+            parts.append(f"val loss {value:.4f}")
+        elif isinstance(value, float) and key not in ("val_tokens",):
+            parts.append(f"{key} {value:.4f}")
+    return " | ".join(parts)

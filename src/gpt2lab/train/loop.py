@@ -1,0 +1,454 @@
+"""The training loop: from scratch or fine-tuning, one process or many (torchrun), resumable bit for bit.
+
+One optimizer step (build-nanogpt's loop, llm.c's train_gpt2.py):
+
+    lr = lr_at(step)                                  # a pure function of the step
+    for each of grad_accum micro-steps:               # grad_accum = total_batch_tokens / (B * T * ranks)
+        x, y = loader.next_batch()                    # this rank's (B, T) windows
+        loss = model(x, y) / grad_accum; backward     # DDP syncs gradients on the last micro-step only
+    all-reduce [loss, stop flag]                      # every rank logs the same loss, stops together
+    norm = clip_grad_norm_(...); check finite; optimizer.step()
+
+then, by the step count: log to metrics.jsonl, evaluate, checkpoint. A checkpoint at step N holds the
+state after N steps: weights, AdamW state, counters, each rank's RNG states and loader position, so
+`--resume auto` continues exactly as if the run had never stopped. SIGINT / SIGTERM finish the
+current step, write a checkpoint and return; a second SIGINT aborts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import checkpoint as ckpt
+from ..config import GPTConfig, TrainConfig, to_toml
+from ..errors import GPT2LabError
+from ..fileio import atomic_write_text
+from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
+from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
+from ..tokenizer import get_tokenizer
+from . import distributed as D
+from .build import fresh_model, model_from_checkpoint, pretrained_model
+from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
+from .optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state_tensors, set_lr
+
+
+@dataclass
+class TrainResult:
+    """How a call to `train` ended."""
+
+    run_dir: Path
+    step: int  # optimizer steps completed
+    tokens: int  # training tokens consumed
+    loss: float | None  # last train loss
+    val_loss: float | None  # last val loss
+    checkpoint: Path | None  # newest checkpoint
+    interrupted: bool  # stopped by a signal or --stop-at before max_steps
+    seconds: float
+
+
+def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step: total_batch_tokens / (batch_size x seq_len x ranks), exactly."""
+    t = cfg.train
+    per_micro = t.batch_size * t.seq_len * world_size
+    if t.total_batch_tokens % per_micro:
+        lower = max(per_micro, t.total_batch_tokens // per_micro * per_micro)
+        raise GPT2LabError(
+            f"train.total_batch_tokens ({t.total_batch_tokens:,}) must be a multiple of batch_size x seq_len x "
+            f"ranks = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro:,}; use e.g. {lower:,}, or change "
+            "train.batch_size"
+        )
+    return t.total_batch_tokens // per_micro
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM set a flag the loop checks after each step; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. not under some test runners)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Trainer:
+    """One training run; `Trainer(cfg).run()` or the `train(cfg)` shortcut."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: str = "never",
+        stop_at: int | None = None,
+        eval_tasks: Sequence[EvalTask] = (),
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.stop_at, self.progress = cfg, stop_at, progress
+        t = cfg.train
+        self.env = D.setup(t.device)
+        self.device = self.env.device
+        self.run_dir = Path(t.out_dir)
+        self.grad_accum = gradient_accumulation(cfg, self.env.world_size)
+        self.tokens_per_step = t.total_batch_tokens
+        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        if self.device.type == "cuda":
+            # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+
+        source = self._find_resume(resume)
+        seed_everything(t.seed)  # the same initial weights on every rank
+        state: dict[str, Any] = {}
+        if source is not None:
+            meta, weights, opt_tensors, state = ckpt.load_training_checkpoint(source)
+            model = model_from_checkpoint(GPTConfig.from_dict(meta["model"]), weights)
+        elif t.init_from:
+            model = pretrained_model(cfg, self.tokenizer.n_vocab)
+        else:
+            model = fresh_model(cfg, self.tokenizer.n_vocab)
+        if model.config.vocab_size != self.tokenizer.n_vocab:
+            raise GPT2LabError(
+                f"the model has a vocabulary of {model.config.vocab_size} tokens but data.tokenizer "
+                f"{self.tokenizer.name!r} has {self.tokenizer.n_vocab}"
+            )
+        if t.seq_len > model.config.block_size:
+            raise GPT2LabError(
+                f"train.seq_len ({t.seq_len}) is longer than the model's context ({model.config.block_size})"
+            )
+        self.model = model.to(self.device)
+        self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
+        self.peak = peak_flops(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.train_model: torch.nn.Module = torch.compile(self.model) if t.compile else self.model
+        if self.env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.train_model, device_ids=ids)
+
+        from ..data import ShardLoader
+
+        self.loader = ShardLoader(
+            cfg.data.dir,
+            "train",
+            batch_size=t.batch_size,
+            seq_len=t.seq_len,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            seed=t.seed,
+            shuffle=cfg.data.shuffle,
+            tokenizer=self.tokenizer,
+        )
+        self.evaluator = Evaluator(
+            cfg.data.dir,
+            self.tokenizer,
+            cfg.eval.val_tokens,
+            cfg.eval.tasks,
+            eval_tasks,
+            self.env.rank,
+            self.env.world_size,
+        )
+
+        self.step, self.tokens, self.skipped, self.best_val = 0, 0, 0, math.inf
+        self.resumed_from = source
+        if source is not None:
+            self._restore(opt_tensors, state, source)
+        elif self.env.world_size > 1:
+            torch.manual_seed(t.seed + self.env.rank)  # dropout masks differ between ranks, as between micro-steps
+
+        self.writer = None
+        if self.env.is_main:
+            truncate_metrics(self.run_dir, self.step)  # nothing past the checkpoint we continue from
+            self.writer = MetricsWriter(self.run_dir, t.tensorboard)
+            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+            ckpt.remove_stale_temporaries(self.run_dir)
+        self.stop = _StopRequest()
+        self.last_ckpt = source
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        self.val_step = -1  # the step last_val was measured at
+
+    # ------------------------------------------------------------------------------------- set-up
+
+    def _find_resume(self, resume: str) -> Path | None:
+        """The checkpoint to continue from (decided by rank 0, so every rank reads the same one)."""
+        found: Path | None = None
+        error = ""
+        if self.env.is_main:
+            if resume == "auto":
+                found = ckpt.find_latest_training(self.run_dir)
+            elif resume == "never":
+                if ckpt.find_checkpoints(self.run_dir):
+                    error = (
+                        f"{self.run_dir} already has checkpoints (newest: {ckpt.find_latest(self.run_dir)}); "
+                        "continue that run with --resume auto, or set another train.out_dir"
+                    )
+            else:
+                found = ckpt.resolve_checkpoint(resume) if Path(resume).is_dir() else None
+                if found is None or not ckpt.is_training_checkpoint(found):
+                    error = (
+                        f"--resume {resume}: no training checkpoint there; give a run directory or a "
+                        "checkpoints/step_* directory, or use --init-from to start from weights only"
+                    )
+        found, error = D.broadcast_from_main((found, error), self.env)
+        if error:
+            raise GPT2LabError(error)
+        return found
+
+    def _restore(self, opt_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
+        load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"], str(source))
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped = int(state.get("skipped_steps", 0))
+        self.best_val = float(state.get("best_val_loss", math.inf))
+        ranks = state["ranks"]
+        mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else ranks[0]
+        # The loader position is global (the same on every rank), so it carries over to another world size.
+        self.loader.load_state_dict(mine["loader"])
+        if len(ranks) == self.env.world_size:
+            set_rng_state(mine["rng"])
+        else:  # another number of ranks: the data order continues, dropout masks are drawn afresh
+            torch.manual_seed(self.cfg.train.seed + self.step + self.env.rank)
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        """Train to max_steps (or a stop request); returns how it ended. Non-finite losses and failed
+        checkpoint writes raise GPT2LabError, leaving the last good checkpoint as it was."""
+        t, started = self.cfg.train, time.perf_counter()
+        self.stop.install()
+        bar = self._progress_bar()
+        try:
+            if self.resumed_from is not None:
+                self._log({"kind": "event", "step": self.step, "message": f"resumed from {self.resumed_from}"})
+            elif self.cfg.eval.every:
+                self._evaluate()  # the starting point (for fine-tuning: the pretrained model's val loss)
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                loss, norm, stop = self._train_step()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    self._nonfinite(loss, norm)
+                else:
+                    self.last_loss = loss
+                record = self._train_record(loss, norm, dt, time.perf_counter() - started)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self._log(record)
+                if bar is not None:
+                    bar.set_postfix_str(progress_text(record), refresh=False)
+                    bar.update(1)
+                done = self.step == t.max_steps
+                stop = stop or (self.stop_at is not None and self.step >= self.stop_at)
+                if done or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                    self._evaluate()
+                if done or stop or (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0):
+                    self._save()
+                if stop and not done:
+                    if self.env.is_main:
+                        why = (
+                            f"{self.stop.signal_name} received" if self.stop.requested else f"--stop-at {self.stop_at}"
+                        )
+                        self._print(f"{why}: stopped after step {self.step}, checkpoint {self.last_ckpt}")
+                    break
+        finally:
+            self.stop.restore()
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            self.tokens,
+            self.last_loss,
+            self.last_val,
+            self.last_ckpt,
+            self.step < t.max_steps,
+            time.perf_counter() - started,
+        )
+
+    def _train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step; returns (mean loss over all ranks' micro-batches, grad norm, stop?)."""
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch()  # (B, T) each
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == self.grad_accum - 1
+            # Gradients are all-reduced on the last micro-step only (torch DDP docs, no_sync).
+            sync = (
+                contextlib.nullcontext()
+                if last or not isinstance(self.train_model, DDP)
+                else self.train_model.no_sync()
+            )
+            with sync:
+                with self._autocast():
+                    _, loss = self.train_model(x, y)
+                loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
+                loss.backward()
+            loss_sum += loss.detach().float()
+        packed = torch.stack([loss_sum, torch.tensor(float(self.stop.requested), device=self.device)])
+        D.all_reduce_sum(packed)
+        loss_mean, stop = float(packed[0]) / self.env.world_size, bool(packed[1] > 0)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if math.isfinite(loss_mean) and math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_mean, norm, stop
+
+    def _nonfinite(self, loss: float, norm: float) -> None:
+        what = f"non-finite loss ({loss})" if not math.isfinite(loss) else f"non-finite gradient norm ({norm})"
+        if self.skipped < self.cfg.train.skip_nonfinite:
+            self.skipped += 1
+            allowed = self.cfg.train.skip_nonfinite
+            message = f"{what} at step {self.step}: update skipped ({self.skipped} of {allowed} allowed)"
+            self._log({"kind": "event", "step": self.step, "message": message})
+            if self.env.is_main:
+                self._print(message)
+            return
+        kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        raise GPT2LabError(
+            f"{what} at step {self.step}: training stopped and {kept}. Resume it with --resume auto, perhaps "
+            "with a lower optim.lr, or allow skipping a few bad steps with --skip-nonfinite N"
+        )
+
+    def _train_record(self, loss: float, norm: float, dt: float, elapsed: float) -> dict[str, Any]:
+        tps = self.tokens_per_step / dt if dt > 0 else 0.0
+        return {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss,
+            "lr": lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps),
+            "grad_norm": norm,
+            "tokens": self.tokens,
+            "tokens_per_sec": tps,
+            "mfu": mfu(self.flops_per_token, tps, self.peak, self.env.world_size),
+            "step_time": dt,
+            "elapsed": elapsed,
+        }
+
+    # ------------------------------------------------------------------------------------- eval and save
+
+    def _evaluate(self) -> None:
+        e = self.cfg.eval
+        ctx = EvalContext(
+            step=self.step,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            device=self.device,
+            autocast_dtype=self.amp_dtype,
+            tokenizer=self.tokenizer,
+            seq_len=self.cfg.train.seq_len,
+            batch_size=e.batch_size or self.cfg.train.batch_size,
+        )
+        metrics = self.evaluator(self.model, ctx)
+        if "val_loss" in metrics:
+            self.last_val, self.val_step = metrics["val_loss"], self.step
+            self.best_val = min(self.best_val, metrics["val_loss"])
+        if not self.env.is_main:
+            return
+        if metrics:
+            self._log({"kind": "eval", "step": self.step, "tokens": self.tokens, **metrics})
+            self._print(f"step {self.step}: {describe(metrics)}")
+        if e.sample_tokens:
+            text = sample_text(self.model, self.tokenizer, e.sample_prompt, e.sample_tokens, self.cfg.train.seed)
+            self._log({"kind": "sample", "step": self.step, "prompt": e.sample_prompt, "text": text})
+            self._print(f"step {self.step} sample: {e.sample_prompt}{text}")
+
+    def _save(self) -> None:
+        """Checkpoint the state after `self.step` steps (rank 0 writes; every rank learns the outcome)."""
+        ranks = D.gather_to_main({"rng": rng_state(), "loader": self.loader.state_dict()}, self.env)
+        error = ""
+        if self.env.is_main:
+            tensors, opt_meta = optimizer_state_tensors(self.optimizer)
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "skipped_steps": self.skipped,
+                "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+                "world_size": self.env.world_size,
+                "optimizer": opt_meta,
+                "ranks": ranks,
+            }
+            meta = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "train_loss": self.last_loss,
+                "val_loss": self.last_val if self.val_step == self.step else None,
+                "config": self.cfg.to_dict(),
+                "world_size": self.env.world_size,
+                "grad_accum": self.grad_accum,
+            }
+            try:
+                assert self.writer is not None
+                self.writer.sync()
+                self.last_ckpt = ckpt.save_training_checkpoint(
+                    self.run_dir, self.step, self.model, self.tokenizer, tensors, state, meta
+                )
+                ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+            except GPT2LabError as e:
+                error = str(e)
+        error = D.broadcast_from_main(error, self.env)
+        if error:
+            raise GPT2LabError(error)
+
+    # ------------------------------------------------------------------------------------- output
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _progress_bar(self):
+        if not (self.progress and self.env.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+
+    def _print(self, text: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text)
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str = "never",
+    stop_at: int | None = None,
+    eval_tasks: Sequence[EvalTask] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Run `cfg` to the end (see Trainer); the process group, if any, is left for the caller to close."""
+    return Trainer(cfg, resume=resume, stop_at=stop_at, eval_tasks=eval_tasks, progress=progress).run()
