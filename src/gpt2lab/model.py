@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .losses import linear_cross_entropy
 
 
 class KVCache:
@@ -210,12 +211,15 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy when `targets` are given.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
         cache: a KVCache; the T tokens are placed after the `cache.pos` cached ones, which it extends.
         last_only: compute logits for the final position only (for generation): (B, 1, V).
+        return_logits: with False (training), only the loss is computed, fused with the output
+        projection in chunks (gpt2lab/losses.py), and the logits returned are None.
         Returns logits (B, T, V) with V = config.vocab_size, and the loss (a scalar) or None.
         """
         B, T = idx.size()
@@ -232,6 +236,12 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits and not torch.compiler.is_compiling():
+            # No (B, T, V) logits tensor; under torch.compile the plain path below is fused by Inductor.
+            C = x.size(-1)
+            return None, linear_cross_entropy(
+                x.reshape(-1, C), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size
+            )
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         logits = self.lm_head(x)  # (B, T, padded V)
@@ -240,7 +250,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     @torch.no_grad()
     def estimate_flops_per_token(self, seq_len: int | None = None) -> float:

@@ -309,7 +309,7 @@ class Trainer:
             )
             with sync:
                 with self._autocast():
-                    _, loss = self.train_model(x, y)
+                    _, loss = self.train_model(x, y, return_logits=False)
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
                 loss.backward()
             loss_sum += loss.detach().float()
