@@ -223,7 +223,8 @@ class Trainer:
         load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"], str(source))
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped = int(state.get("skipped_steps", 0))
-        self.best_val = float(state.get("best_val_loss", math.inf))
+        best = state.get("best_val_loss")
+        self.best_val = math.inf if best is None else float(best)
         ranks = state["ranks"]
         mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else ranks[0]
         # The loader position is global (the same on every rank), so it carries over to another world size.

@@ -1,0 +1,106 @@
+"""TrainConfig: the shipped TOML files, --set overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpt2lab.config import TrainConfig, load_train_config, parse_override, to_toml
+from gpt2lab.errors import GPT2LabError
+from gpt2lab.train import gradient_accumulation
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_train_config(path)
+    copy = tmp_path / "copy.toml"
+    copy.write_text(to_toml(cfg))
+    assert load_train_config(copy) == cfg
+
+
+def test_required_configs_exist():
+    names = {p.name for p in CONFIGS.glob("*.toml")}
+    assert {"gpt2-124M-fineweb-edu.toml", "shakespeare-cpu.toml", "finetune-gpt2-shakespeare.toml"} <= names
+
+
+def test_124M_recipe_is_build_nanogpts():
+    cfg = load_train_config(CONFIGS / "gpt2-124M-fineweb-edu.toml")
+    o, t = cfg.optim, cfg.train
+    assert (t.total_batch_tokens, t.batch_size, t.seq_len, t.max_steps) == (524288, 64, 1024, 19073)
+    assert (o.lr, o.min_lr, o.warmup_steps, o.schedule) == (6e-4, 6e-5, 715, "cosine")
+    assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    m = cfg.model_config()
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.padded_vocab_size) == (12, 12, 768, 1024, 50304)
+    assert gradient_accumulation(cfg, 8) == 1 and gradient_accumulation(cfg, 1) == 8
+
+
+def test_overrides_are_typed():
+    cfg = load_train_config(
+        CONFIGS / "shakespeare-cpu.toml",
+        ["optim.lr=3e-4", "train.max_steps=100", "train.init_from=gpt2", "eval.tasks=['x']", "train.out_dir=2024"],
+    )
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 100
+    assert cfg.train.init_from == "gpt2" and cfg.eval.tasks == ("x",) and cfg.train.out_dir == "2024"
+    assert parse_override("optim.weight_decay=0") == ("optim.weight_decay", 0)
+    assert TrainConfig().with_overrides({"optim.weight_decay": 0}).optim.weight_decay == 0.0  # ints become floats
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key optim.lrr"),
+        ("foo.bar=1", "unknown key 'foo.bar'"),
+        ("optim.lr=fast", "optim.lr must be a number"),
+        ("train.max_steps=1.5", "train.max_steps must be an integer"),
+        ("train.compile=1", "train.compile must be true or false"),
+        ("optim.lr=-1", "optim.lr must be positive"),
+        ("optim.schedule=step", "optim.schedule must be one of"),
+        ("train.precision=fp8", "train.precision must be one of"),
+        ("model.preset=gpt5", "model.preset must be one of"),
+        ("novalue", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(GPT2LabError, match=message):
+        load_train_config(CONFIGS / "shakespeare-cpu.toml", [override])
+
+
+def test_bad_toml_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = 1e-3\n")
+    with pytest.raises(GPT2LabError, match=r"bad.toml: unknown key optim.learning_rate"):
+        load_train_config(bad)
+    bad.write_text("[trainer]\nx = 1\n")
+    with pytest.raises(GPT2LabError, match=r"unknown section \[trainer\]"):
+        load_train_config(bad)
+    bad.write_text("[train\n")
+    with pytest.raises(GPT2LabError, match="not valid TOML"):
+        load_train_config(bad)
+    with pytest.raises(GPT2LabError, match="not found"):
+        load_train_config(tmp_path / "missing.toml")
+
+
+def test_gradient_accumulation_must_divide():
+    cfg = TrainConfig().replace("train", total_batch_tokens=524288, batch_size=48, seq_len=1024)
+    with pytest.raises(GPT2LabError, match=r"must be a multiple of batch_size x seq_len x ranks = 48 x 1024 x 1"):
+        gradient_accumulation(cfg, 1)
+    assert gradient_accumulation(cfg.replace("train", batch_size=16), 4) == 8
+
+
+def test_cli_reports_config_errors(cli):
+    result = cli("train", CONFIGS / "shakespeare-cpu.toml", "--set", "optim.betas=0.9")
+    assert result.code == 1
+    assert "unknown key optim.betas" in result.err and "Traceback" not in result.err
+    result = cli("train", CONFIGS / "shakespeare-cpu.toml", "--set", "train.batch_size=7")
+    assert result.code == 1 and "must be a multiple of" in result.err
+
+
+def test_cli_print_config_applies_flags(cli):
+    result = cli(
+        "train", CONFIGS / "shakespeare-cpu.toml", "--set", "optim.lr=3e-4", "--max-steps", "7", "--print-config"
+    )
+    assert result.code == 0, result.err
+    assert "lr = 0.0003" in result.out and "max_steps = 7" in result.out

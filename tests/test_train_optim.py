@@ -1,0 +1,127 @@
+"""The optimizer pieces: LR schedule, parameter groups, saved AdamW state, the fused loss, overfitting."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from train_utils import one_thread  # noqa: F401 (autouse fixture)
+
+from gpt2lab.config import GPTConfig, OptimSection
+from gpt2lab.losses import linear_cross_entropy
+from gpt2lab.model import GPT
+from gpt2lab.train.optim import (
+    build_optimizer,
+    load_optimizer_state,
+    lr_at,
+    optimizer_state_tensors,
+    param_groups,
+)
+
+RECIPE = OptimSection()  # build-nanogpt: 6e-4 -> 6e-5, 715 warmup steps
+
+
+def test_lr_schedule_build_nanogpt_values():
+    max_steps = 19073
+    assert lr_at(0, RECIPE, max_steps) == pytest.approx(6e-4 / 715)
+    assert lr_at(99, RECIPE, max_steps) == pytest.approx(6e-4 * 100 / 715)
+    assert lr_at(714, RECIPE, max_steps) == pytest.approx(6e-4)
+    assert lr_at(715, RECIPE, max_steps) == pytest.approx(6e-4)
+    midpoint = 715 + (max_steps - 715) // 2
+    assert lr_at(midpoint, RECIPE, max_steps) == pytest.approx(3.3e-4, rel=1e-3)  # halfway down the cosine
+    assert lr_at(max_steps, RECIPE, max_steps) == pytest.approx(6e-5)
+    assert lr_at(max_steps + 100, RECIPE, max_steps) == pytest.approx(6e-5)
+    lrs = [lr_at(s, RECIPE, max_steps) for s in range(0, max_steps, 7)]
+    peak = lrs.index(max(lrs))
+    assert all(a <= b for a, b in itertools.pairwise(lrs[: peak + 1]))  # up during warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs[peak:]))  # then only down
+
+
+def test_lr_schedule_other_shapes():
+    linear = OptimSection(lr=1.0, min_lr=0.0, warmup_steps=0, schedule="linear")
+    assert [lr_at(s, linear, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    constant = OptimSection(lr=1.0, min_lr=0.0, warmup_steps=2, schedule="constant")
+    assert [lr_at(s, constant, 10) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=0)
+    assert lr_at(5, cosine, 10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_param_groups_decay_matrices_only():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert "transformer.wte.weight" in decay["names"] and "transformer.wpe.weight" in decay["names"]
+    assert "lm_head.weight" not in decay["names"]  # tied to wte: one parameter, decayed once
+    assert (
+        "transformer.h.0.ln_1.weight" in no_decay["names"] and "transformer.h.0.attn.c_attn.bias" in no_decay["names"]
+    )
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params(include_padding=True)
+    assert len(decay["params"]) == 2 + 4 * 2  # wte, wpe + (c_attn, c_proj, c_fc, mlp c_proj) per layer
+
+
+def test_optimizer_state_round_trip_is_exact(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64)
+    model = GPT(cfg)
+    opt = build_optimizer(model, RECIPE, torch.device("cpu"))
+    x = torch.randint(0, 50257, (2, 8))
+    for _ in range(3):
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    tensors, meta = optimizer_state_tensors(opt)
+    save_file(tensors, tmp_path / "opt.safetensors")
+    clone = GPT.from_state_dict(cfg, {k: v.clone() for k, v in model.state_dict().items()})
+    opt2 = build_optimizer(clone, RECIPE, torch.device("cpu"))
+    load_optimizer_state(opt2, load_file(tmp_path / "opt.safetensors"), meta, "test")
+    for model_, opt_ in ((model, opt), (clone, opt2)):
+        model_(x, x)[1].backward()
+        opt_.step()
+    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_fused_loss_matches_plain_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)  # 37 rows: the last chunk is partial
+    weight = (0.1 * torch.randn(64, 16)).requires_grad_()  # 60 real tokens + 4 padding rows
+    targets = torch.randint(0, 60, (37,))
+    targets[:5] = -1
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.t())[:, :60], targets, ignore_index=-1)
+    gh, gw = torch.autograd.grad(expected, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, vocab_size=60, chunk=8)
+    fh, fw = torch.autograd.grad(2.0 * loss, (hidden, weight))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fh, 2 * gh)
+    torch.testing.assert_close(fw, 2 * gw)
+    assert torch.all(fw[60:] == 0)  # padding rows get no gradient
+
+
+def test_model_training_path_matches_logits_path():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))
+    x, y = torch.randint(0, 50257, (3, 8)), torch.randint(0, 50257, (3, 8))
+    logits, plain = model(x, y)
+    none, fused = model(x, y, return_logits=False)
+    assert none is None and logits.shape == (3, 8, 50257)
+    torch.testing.assert_close(fused, plain)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, pad_vocab_multiple=64))
+    opt = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.0), torch.device("cpu"))
+    x = torch.randint(0, 50257, (4, 17))
+    for _ in range(60):
+        _, loss = model(x[:, :-1], x[:, 1:], return_logits=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert loss.item() < 0.1
