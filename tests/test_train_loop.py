@@ -280,9 +280,9 @@ def test_eval_hook_metrics_and_plot(corpus, tmp_path, cli):
         train(cfg, eval_tasks=[my_task], progress=False)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 4, 8] and evals[-1]["my_accuracy"] == 0.8
+    assert [r["step"] for r in evals] == [4, 8] and evals[-1]["my_accuracy"] == 0.8
     assert all(r["val_loss"] > 0 for r in evals)
-    assert [r["step"] for r in records if r["kind"] == "sample"] == [0, 4, 8]
+    assert [r["step"] for r in records if r["kind"] == "sample"] == [4, 8]
     train_recs = [r for r in records if r["kind"] == "train"]
     assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu", "step_time"} <= train_recs[0].keys()
     assert (tmp_path / "a" / "config.toml").is_file()
@@ -318,5 +318,5 @@ def test_ddp_on_two_processes_equals_gradient_accumulation(corpus, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
     va, vb = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
-    assert va[0] == pytest.approx(vb[0], abs=1e-6)  # the same val windows on 1 rank and on 2
+    assert va[5] == pytest.approx(vb[5], abs=1e-5)  # the same val windows on 1 rank and on 2
     assert single.step == 5

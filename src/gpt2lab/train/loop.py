@@ -245,8 +245,8 @@ class Trainer:
         try:
             if self.resumed_from is not None:
                 self._log({"kind": "event", "step": self.step, "message": f"resumed from {self.resumed_from}"})
-            elif self.cfg.eval.every:
-                self._evaluate()  # the starting point (for fine-tuning: the pretrained model's val loss)
+            elif self.cfg.eval.every and t.init_from:
+                self._evaluate()  # the pretrained model's val loss: what fine-tuning starts from
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
                 loss, norm, stop = self._train_step()
