@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rate = result.tokenized / result.seconds if result.seconds > 0 else 0.0
     print(
-        f"prepared {m['total_tokens']:,} tokens from {m["documents"]:,} document(s) into {result.out}: {split_line} "
+        f"prepared {m['total_tokens']:,} tokens from {m['documents']:,} document(s) into {result.out}: {split_line} "
         f"[{result.seconds:.1f}s, {rate:,.0f} tokens/s]"
     )
     if result.resumed_chunks:
