@@ -5,10 +5,12 @@
 >>> train = ShardLoader("data/shakespeare", "train", batch_size=8, seq_len=256, rank=0, world_size=1,
 ...                     seed=1, shuffle=True)
 >>> val_tokens = open_split_tokens("data/shakespeare", "val")   # flat, memmapped; val_tokens[a:b]
+
+The pipeline itself is `gpt2lab.data.prepare.prepare(PrepareOptions(...))` (the module keeps its name).
 """
 
 from .loader import ShardLoader
-from .prepare import PrepareOptions, PrepareResult, prepare
+from .prepare import PrepareOptions, PrepareResult
 from .shards import (
     ShardInfo,
     TokenSequence,
@@ -31,7 +33,6 @@ __all__ = [
     "check_tokenizer",
     "open_shard",
     "open_split_tokens",
-    "prepare",
     "read_header",
     "read_manifest",
     "read_shard",

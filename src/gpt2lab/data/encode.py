@@ -8,7 +8,10 @@ numbers to resume from, and 1 or N workers produce the same tokens. Results come
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -68,11 +71,20 @@ _worker_encoding: Any = None
 _worker_eot = 0
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    # A worker waiting for a task never sees its parent die (sibling workers keep the task pipe open),
+    # so after a SIGKILL of `gpt2lab prepare` it would wait forever.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _init_worker(encoding: Any, eot: int) -> None:
     global _worker_encoding, _worker_eot
     _worker_encoding, _worker_eot = encoding, eot
     # Ctrl-C goes to the whole process group; the parent alone handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
 
 def _encode_task(pieces: list[tuple[str, bool]]) -> np.ndarray:

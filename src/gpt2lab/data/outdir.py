@@ -9,6 +9,7 @@ record lists only complete files. `manifest.json` replaces the record when the r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,8 +202,12 @@ def verify_listed_shards(out: Path, manifest: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Keep two `gpt2lab prepare` runs from writing one directory at once (the OS drops the lock if the
-    process dies, even by SIGKILL). Where flock does not exist, there is no lock."""
+    """Keep two `gpt2lab prepare` runs from writing one directory at once.
+
+    A POSIX record lock (lockf) belongs to this process alone: forked tokenizer workers do not hold it
+    (as they would an flock), and the OS drops it the moment the process dies, even by SIGKILL, so a
+    re-run can start at once. Where there is no fcntl module, there is no lock.
+    """
     try:
         import fcntl
     except ImportError:
@@ -211,8 +216,10 @@ def locked(out: Path) -> Iterator[None]:
     lock_path = out / LOCK_NAME
     with open(lock_path, "w") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise GPT2LabError(f"another 'gpt2lab prepare' is writing {out}; wait for it to finish") from None
         try:
             yield

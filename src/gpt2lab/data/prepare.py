@@ -269,6 +269,8 @@ def _finalize(out: Path, options: PrepareOptions, progress: dict) -> dict[str, A
     total, size = end["tokens"], options.shard_tokens
     val = options.val_tokens if options.val_tokens is not None else min(size, total // AUTO_VAL_DIVISOR)
     if val >= total:
+        # Nothing here is worth keeping: a re-run needs other settings anyway.
+        outdir.remove_files([out / c["shard"]["file"] for c in progress["chunks"]] + [out / outdir.PROGRESS_NAME])
         raise GPT2LabError(
             f"--val-tokens {val} leaves no training tokens: the corpus has {total}; use a smaller --val-tokens"
         )
