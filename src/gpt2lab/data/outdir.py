@@ -24,7 +24,7 @@ from . import shards as fmt
 
 PROGRESS_NAME = "prepare-progress.json"
 LOCK_NAME = ".prepare.lock"
-COPY_BLOCK = 1 << 24  # tokens copied at a time when the pending chunk is split
+COPY_BLOCK = 1 << 22  # tokens copied at a time when the pending chunk is split
 
 
 def shard_name(prefix: str, split: str, index: int) -> str:
@@ -95,12 +95,23 @@ class ChunkWriter:
             self.writer = None
 
 
-def copy_to_shard(path: Path, split: str, tokens: np.ndarray) -> fmt.ShardInfo:
-    """Write `tokens` (e.g. a memmap slice, shape (n,)) as a shard, a block at a time."""
-    with fmt.ShardWriter(path, split) as writer:
-        for start in range(0, len(tokens), COPY_BLOCK):
-            writer.write(tokens[start : start + COPY_BLOCK])
-        return writer.close()
+def split_shard(src: Path, n_first: int, first: tuple[Path, str], rest: tuple[Path, str]) -> list[fmt.ShardInfo]:
+    """Copy shard `src` into two shards, (path, split) `first` with its first `n_first` tokens and `rest`
+    with the others; an empty part is not written. Reads a block at a time: memory stays small."""
+    total = fmt.read_header(src)
+    infos = []
+    with open(src, "rb") as f:
+        f.seek(fmt.HEADER_BYTES)
+        for (path, split), n in ((first, n_first), (rest, total - n_first)):
+            if n == 0:
+                continue
+            with fmt.ShardWriter(path, split) as writer:
+                while writer.tokens < n:
+                    block = np.fromfile(f, dtype=fmt.TOKEN_DTYPE, count=min(n - writer.tokens, COPY_BLOCK))
+                    assert len(block), f"{src} ended early"  # read_header checked the size
+                    writer.write(block)
+                infos.append(writer.close())
+    return infos
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -282,13 +282,12 @@ def _finalize(out: Path, options: PrepareOptions, progress: dict) -> dict[str, A
             shard_list.append(info)
             continue
         pending.append(out / info.file)
-        tokens = fmt.open_shard(out / info.file)
-        n_val = min(max(val - chunk["index"] * size, 0), len(tokens))
-        for split, part in (("val", tokens[:n_val]), ("train", tokens[n_val:])):
-            if len(part):
-                name = outdir.shard_name(settings["shard_prefix"], split, chunk["index"])
-                shard_list.append(outdir.copy_to_shard(out / name, split, part))
-        del tokens, part
+        n_val = min(max(val - chunk["index"] * size, 0), info.tokens)
+        val_part, train_part = (
+            (out / outdir.shard_name(settings["shard_prefix"], split, chunk["index"]), split)
+            for split in ("val", "train")
+        )
+        shard_list += outdir.split_shard(out / info.file, n_val, val_part, train_part)
     splits = {
         split: {
             "tokens": sum(s.tokens for s in shard_list if s.split == split),

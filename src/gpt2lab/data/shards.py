@@ -146,7 +146,7 @@ class ShardWriter:
         """Append `tokens` (shape (n,), any integer dtype with values < 65536)."""
         if self.tokens + len(tokens) > MAX_SHARD_TOKENS:
             raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens")
-        self._file.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes())
+        self._file.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).data)
         self.tokens += len(tokens)
 
     def close(self) -> ShardInfo:
