@@ -3,8 +3,9 @@
 The corpus is Tiny Shakespeare repeated --copies times in one text file. The peer is
 `encoding.encode_ordinary(text)` on the whole text already in memory, in this process: no reading,
 no EOT, no writing. `prepare` is timed end to end (read, decode, tokenize on N workers, write shards
-with fsync, manifest), best of --repeats runs each. Peak RSS is measured separately, for a `gpt2lab
-prepare` child process on the same corpus (the largest of the process and its workers).
+with fsync, manifest), best of --repeats runs each. Peak RSS is measured first, for a `gpt2lab
+prepare` child process on the same corpus (the largest of the process and its workers), while this
+process is still small: Linux counts the parent's memory at fork into a child's peak.
 
     python bench/prepare.py                       # Tiny Shakespeare from ../shared/data or the cache
     python bench/prepare.py --copies 64 --workers 1 2 4
@@ -23,10 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-
-from gpt2lab.data.prepare import PrepareOptions, prepare  # noqa: E402
-from gpt2lab.tokenizer import get_tokenizer  # noqa: E402
-
 SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -69,13 +66,21 @@ def main() -> None:
     ap.add_argument("--shard-tokens", type=int, default=10_000_000)
     args = ap.parse_args()
 
-    tok = get_tokenizer()
     text = shakespeare().read_text(encoding="utf-8") * args.copies
     with tempfile.TemporaryDirectory(prefix="gpt2lab-bench-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(text, encoding="utf-8")
+        mib = len(text.encode()) / 2**20
+        del text
+        rss = child_peak_rss_mib(corpus, Path(tmp) / "rss", max(args.workers))
+
+        from gpt2lab.data.prepare import PrepareOptions, prepare
+        from gpt2lab.tokenizer import get_tokenizer
+
+        tok = get_tokenizer()
+        text = corpus.read_text(encoding="utf-8")
         n_tokens = len(tok.encoding.encode_ordinary(text)) + 1  # warm-up, and the count prepare will make
-        print(f"corpus: Tiny Shakespeare x {args.copies} = {len(text.encode()) / 2**20:.1f} MiB, {n_tokens:,} tokens")
+        print(f"corpus: Tiny Shakespeare x {args.copies} = {mib:.1f} MiB, {n_tokens:,} tokens")
         cpu = platform.processor() or platform.machine()
         print(f"machine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
 
@@ -101,7 +106,6 @@ def main() -> None:
             label = f"gpt2lab prepare, {workers} worker{'s' if workers > 1 else ''}"
             print(f"{label:<40} {seconds:7.3f} s {rate / 1e6:7.2f} M tokens/s {rate / plain_rate:6.2f}x")
 
-        rss = child_peak_rss_mib(corpus, Path(tmp) / "rss", max(args.workers))
         print(f"peak RSS of 'gpt2lab prepare --workers {max(args.workers)}' (largest process): {rss:.0f} MiB")
 
 

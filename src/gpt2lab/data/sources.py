@@ -211,24 +211,21 @@ class FileSource(Source):
                 if first and text:
                     text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
                     first = False
+                out: list[tuple[str, bool]] = []
                 if sep:
-                    pending += text
-                    for_doc: list[tuple[str, bool]] = []
-                    while (i := pending.find(sep)) >= 0:
-                        for_doc += doc.add(pending[:i])
-                        for_doc += doc.end()
-                        pending = pending[i + len(sep) :]
-                    keep = 0 if final else len(sep) - 1
-                    head, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-                    for_doc += doc.add(head)
-                    if final:
-                        for_doc += doc.end()
-                    yield from self._count(iter(for_doc), len(data))
-                else:
-                    out = list(doc.add(text))
-                    if final:
+                    # One split per read (not a find/slice loop, which copies the buffer per document).
+                    *complete, pending = (pending + text).split(sep)
+                    for part in complete:
+                        out += doc.add(part)
                         out += doc.end()
-                    yield from self._count(iter(out), len(data))
+                    keep = 0 if final else len(sep) - 1  # the tail may be the start of a separator
+                    head, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                    out += doc.add(head)
+                else:
+                    out += doc.add(text)
+                if final:
+                    out += doc.end()
+                yield from self._count(iter(out), len(data))
                 if final:
                     break
         self._note_replacements(path, decoder)
