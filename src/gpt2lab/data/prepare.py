@@ -245,7 +245,7 @@ def _stream(source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, 
         chunks.finish(
             {
                 "tokens": task_start,
-                "documents": stats.documents,
+                "documents": documents,  # counted over skipped tasks too
                 "empty_documents": stats.empty_documents,
                 "replaced_bytes": stats.replaced_bytes,
                 "files_with_replacements": len(stats.files_with_replacements),

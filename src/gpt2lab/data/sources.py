@@ -86,7 +86,6 @@ PRESETS = {
 
 @dataclass
 class SourceStats:
-    documents: int = 0
     empty_documents: int = 0
     replaced_bytes: int = 0
     files_with_replacements: list[str] = field(default_factory=list)
@@ -95,7 +94,6 @@ class SourceStats:
 class Source(abc.ABC):
     """A corpus to read. `open()` checks it exists (raising GPT2LabError), `pieces()` streams it."""
 
-    kind = "source"
     progress_unit = "B"
 
     def __init__(self, spec: str, shard_prefix: str, piece_chars: int) -> None:
@@ -120,7 +118,7 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def pieces(self) -> Iterator[Piece]:
-        """The corpus as pieces, in order; counts documents and replacements into `stats`."""
+        """The corpus as pieces, in order; counts empty documents and replaced bytes into `stats`."""
 
 
 def _kind_of(path: Path) -> str:
@@ -138,8 +136,6 @@ class FileSource(Source):
     Text files are one document each unless `split_on` is given; JSONL and Parquet files give one
     document per record, from `text_field`. Files are read in sorted path order.
     """
-
-    kind = "files"
 
     def __init__(
         self, spec: str, shard_prefix: str, piece_chars: int, text_field: str = "text", split_on: str | None = None
@@ -185,9 +181,8 @@ class FileSource(Source):
         self.stats.empty_documents += doc.empty_documents
 
     def _count(self, doc_pieces: Iterator[tuple[str, bool]], progress: int) -> Iterator[Piece]:
-        """Attach the progress made so far to the first piece and count documents."""
+        """Attach the progress made so far to the first piece (or to an empty one if there is none)."""
         for text, starts in doc_pieces:
-            self.stats.documents += starts
             yield text, starts, progress
             progress = 0
         if progress:
@@ -348,7 +343,6 @@ def _find_files(spec: str) -> list[Path]:
 class HFSource(Source):
     """A Hugging Face dataset, read with `datasets` in streaming mode (nothing is stored as text)."""
 
-    kind = "hf"
     progress_unit = "doc"
 
     def __init__(
@@ -403,7 +397,6 @@ class HFSource(Source):
             for n, example in enumerate(self._ds, 1):
                 text = _field(example, self.text_field, f"{self._where()}, example {n}")
                 for text_piece, starts in doc.whole(text):
-                    self.stats.documents += starts
                     yield text_piece, starts, int(starts)
                 if not text:
                     yield "", False, 1
