@@ -208,22 +208,24 @@ def _stream(source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, 
     if progress["chunks"]:
         last = progress["chunks"][-1]
         first_task, task_start = last["resume_task"], last["resume_task_start"]
-    bar = tqdm(
-        total=source.progress_total,
-        unit=source.progress_unit,
-        unit_scale=True,
-        unit_divisor=1024 if source.progress_unit == "B" else 1000,
-        desc="prepare",
-        disable=not options.progress,
-        file=sys.stderr,
-        mininterval=0.5,
-        dynamic_ncols=True,
-    )
     tic = time.perf_counter()
     made = documents = 0
+    bar: Any = None
 
     def show(task: Task) -> None:
-        nonlocal documents
+        nonlocal documents, bar
+        if bar is None:  # made once the worker pool exists: fork before tqdm starts its monitor thread
+            bar = tqdm(
+                total=source.progress_total,
+                unit=source.progress_unit,
+                unit_scale=True,
+                unit_divisor=1024 if source.progress_unit == "B" else 1000,
+                desc="prepare",
+                disable=not options.progress,
+                file=sys.stderr,
+                mininterval=0.5,
+                dynamic_ncols=True,
+            )
         documents += task.documents
         bar.update(task.progress)
         rate = made / max(time.perf_counter() - tic, 1e-9)
@@ -259,7 +261,8 @@ def _stream(source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, 
         raise
     finally:
         stream.close()  # stops the worker pool now, also on an error
-        bar.close()
+        if bar is not None:
+            bar.close()
     return made
 
 
