@@ -106,20 +106,15 @@ def tokenize_tasks(
     memory stays bounded (Pool.imap would read the whole corpus into its queue). Close the generator to
     stop the pool early.
     """
+    todo = _starting_at(tasks, first_task, skipped)
     if workers == 1:
-        for task in tasks:
-            if task.index < first_task:
-                skipped(task)
-            else:
-                yield task, encode_pieces(encoding, eot, task.pieces)
+        for task in todo:
+            yield task, encode_pieces(encoding, eot, task.pieces)
         return
     pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(encoding, eot))
     try:
         in_flight: deque = deque()
-        for task in tasks:
-            if task.index < first_task:
-                skipped(task)
-                continue
+        for task in todo:
             in_flight.append((task, pool.apply_async(_encode_task, (task.pieces,))))
             if len(in_flight) >= 2 * workers + 2:
                 done, result = in_flight.popleft()
@@ -131,3 +126,11 @@ def tokenize_tasks(
     finally:
         pool.terminate()
         pool.join()
+
+
+def _starting_at(tasks: Iterable[Task], first_task: int, skipped: Callable[[Task], None]) -> Iterator[Task]:
+    for task in tasks:
+        if task.index < first_task:
+            skipped(task)
+        else:
+            yield task
