@@ -15,7 +15,6 @@ in name order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..download import file_sha256
 from ..errors import GPT2LabError
 from ..fileio import atomic_open
 
@@ -116,14 +116,6 @@ class ShardInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "split": self.split, "tokens": self.tokens, "sha256": self.sha256}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:
