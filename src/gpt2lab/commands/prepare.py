@@ -23,6 +23,7 @@ import re
 import sys
 
 from ..data.prepare import DEFAULT_SHARD_TOKENS, PrepareOptions, default_workers, prepare
+from ..data.sources import PRESETS
 from ..data.text import unescape
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -44,6 +45,7 @@ def _val_tokens(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = "presets:\n" + "\n".join(f"  {name:<18}{preset.description}" for name, preset in PRESETS.items())
     p.add_argument("source", metavar="SOURCE", help="file, directory, glob, hf:NAME, or preset")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the shards and manifest.json")
     p.add_argument(
