@@ -16,6 +16,7 @@ from .errors import GPT2LabError
 
 # Subcommand name -> module in gpt2lab.commands that defines `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
+    "prepare": "prepare",
     "sample": "sample",
     "convert": "convert",
 }
