@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=int, metavar="N", help=f"tokenizer processes (default: CPU count, here {default_workers()})"
     )
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="a tokenizer made by 'gpt2lab tokenizer train' (default: GPT-2's)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace another corpus's shards in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        tokenizer=args.tokenizer,
     )
     result = prepare(options)
     m = result.manifest

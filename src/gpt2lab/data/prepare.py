@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 from .. import __version__
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_json, fsync_dir
-from ..tokenizer import Tokenizer, get_tokenizer
+from ..tokenizer import Tokenizer, copy_tokenizer_files, get_tokenizer
 from . import outdir
 from . import shards as fmt
 from .encode import Task, make_tasks, tokenize_tasks
@@ -61,6 +62,7 @@ class PrepareOptions:
     overwrite: bool = False
     progress: bool = True
     piece_chars: int = DEFAULT_PIECE_CHARS
+    tokenizer: str | None = None  # a directory made by `gpt2lab tokenizer train`; None: GPT-2's
 
     def command(self) -> str:
         """The `gpt2lab prepare` command that makes these shards (options that change no byte left out)."""
@@ -72,6 +74,7 @@ class PrepareOptions:
             ("--split", self.hf_split),
             ("--name", self.name),
             ("--val-tokens", self.val_tokens),
+            ("--tokenizer", self.tokenizer),
         ):
             if value is not None:
                 args += [flag, str(value)]
@@ -122,7 +125,7 @@ def prepare(options: PrepareOptions, tokenizer: Tokenizer | None = None) -> Prep
     checks it and does nothing. Raises GPT2LabError for bad input.
     """
     started = time.perf_counter()
-    tok = tokenizer or get_tokenizer()
+    tok = tokenizer or get_tokenizer(options.tokenizer)
     _check(options, tok)
     source = resolve_source(
         options.source,
@@ -189,6 +192,12 @@ def _run(
     else:
         progress = {"fingerprint": fingerprint, **identity, "chunks": [], "end": None}
         atomic_write_json(out / outdir.PROGRESS_NAME, progress)
+    # The directory carries the tokenizer it is made with; data_tokenizer() reads it back.
+    tok_dir = out / fmt.TOKENIZER_SUBDIR
+    if tok.path is None:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+    else:
+        copy_tokenizer_files(tok, tok_dir)
     resumed = len(progress["chunks"])
     tokenized = 0
     if progress["end"] is None:

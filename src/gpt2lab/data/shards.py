@@ -214,6 +214,18 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, where: str | os.Pa
         )
 
 
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def data_tokenizer(data_dir: str | os.PathLike) -> Any:
+    """The tokenizer a prepared directory was made with: the trained tokenizer `prepare --tokenizer`
+    copied into `DATA/tokenizer/`, or GPT-2's (checked against the manifest's vocab hash)."""
+    from ..tokenizer import tokenizer_from_record
+
+    manifest = read_manifest(data_dir)
+    return tokenizer_from_record(manifest.get("tokenizer"), Path(data_dir) / TOKENIZER_SUBDIR, f"{data_dir}")
+
+
 def split_shard_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """Shard files of `split` in stream order: from manifest.json, else llm.c's `*_{split}_*.bin` names."""
     if split not in SPLITS:
