@@ -129,10 +129,10 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Token shards made by `gpt2lab prepare` (or llm.c): train and val splits in one directory."""
+    """Token shards made by `gpt2lab prepare` (or llm.c): train and val splits in one directory. The
+    tokenizer is the one the directory was prepared with (its manifest); llm.c's shards are GPT-2's."""
 
     dir: str = "data/fineweb-edu-10B"
-    tokenizer: str = "gpt2"  # or a directory made by `gpt2lab tokenizer train`; must match the shards
     shuffle: bool = True
 
 

@@ -32,11 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import checkpoint as ckpt
 from ..config import GPTConfig, TrainConfig, to_toml
+from ..data import ShardLoader, data_tokenizer
+from ..data.shards import MANIFEST_NAME
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
 from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
 from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
-from ..tokenizer import get_tokenizer
+from ..tokenizer import Tokenizer, get_tokenizer
 from . import distributed as D
 from .build import fresh_model, model_from_checkpoint, pretrained_model
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
@@ -69,6 +71,15 @@ def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
             "train.batch_size"
         )
     return t.total_batch_tokens // per_micro
+
+
+def data_tokenizer_or_gpt2(data_dir: str) -> Tokenizer:
+    """The tokenizer a prepared directory records (manifest.json); GPT-2's for llm.c's shards, which
+    have no manifest. A missing directory is reported here, before any model is built."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise GPT2LabError(f"data directory {root} not found: prepare it first with 'gpt2lab prepare', or set data.dir")
+    return data_tokenizer(root) if (root / MANIFEST_NAME).is_file() else get_tokenizer()
 
 
 class _StopRequest:
@@ -120,7 +131,18 @@ class Trainer:
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = data_tokenizer_or_gpt2(cfg.data.dir)
+        self.loader = ShardLoader(
+            cfg.data.dir,
+            "train",
+            batch_size=t.batch_size,
+            seq_len=t.seq_len,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            seed=t.seed,
+            shuffle=cfg.data.shuffle,
+            tokenizer=self.tokenizer,
+        )
 
         source = self._find_resume(resume)
         seed_everything(t.seed)  # the same initial weights on every rank
@@ -134,8 +156,9 @@ class Trainer:
             model = fresh_model(cfg, self.tokenizer.n_vocab)
         if model.config.vocab_size != self.tokenizer.n_vocab:
             raise GPT2LabError(
-                f"the model has a vocabulary of {model.config.vocab_size} tokens but data.tokenizer "
-                f"{self.tokenizer.name!r} has {self.tokenizer.n_vocab}"
+                f"the model has a vocabulary of {model.config.vocab_size} tokens but {cfg.data.dir} was tokenized "
+                f"with {self.tokenizer.name!r} ({self.tokenizer.n_vocab} tokens); prepare the data with the "
+                "model's tokenizer"
             )
         if t.seq_len > model.config.block_size:
             raise GPT2LabError(
@@ -150,19 +173,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
 
-        from ..data import ShardLoader
-
-        self.loader = ShardLoader(
-            cfg.data.dir,
-            "train",
-            batch_size=t.batch_size,
-            seq_len=t.seq_len,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            seed=t.seed,
-            shuffle=cfg.data.shuffle,
-            tokenizer=self.tokenizer,
-        )
         self.evaluator = Evaluator(
             cfg.data.dir,
             self.tokenizer,
