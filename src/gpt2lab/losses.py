@@ -21,8 +21,9 @@ import torch
 
 
 def default_chunk(device: torch.device) -> int:
-    """Rows per chunk: 64 keeps a float32 (64, 50304) block (13 MB) in a CPU's cache; GPUs want big matmuls."""
-    return 64 if device.type == "cpu" else 4096
+    """Rows per softmax chunk: a float32 (128, 50304) block (26 MB) stays in a CPU's last-level cache;
+    GPUs want big matmuls."""
+    return 128 if device.type == "cpu" else 4096
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -42,26 +43,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         h = hidden.to(compute_dtype)  # (N, C)
         w = weight.to(compute_dtype)  # (V_padded, C)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
         scale = 1.0 / max(n_valid, 1)
-        for start in range(0, N, chunk):
-            h_c = h[start : start + chunk]  # (c, C)
-            t_c = targets[start : start + chunk].clamp(min=0)  # (c,)
-            v_c = valid[start : start + chunk]  # (c,)
-            logits = torch.mm(h_c, w.t()).float()  # (c, V_padded)
-            logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are not tokens
-            lse = torch.logsumexp(logits, dim=1)  # (c,)
-            picked = logits.gather(1, t_c.unsqueeze(1)).squeeze(1)  # (c,)
-            total += ((lse - picked) * v_c).sum()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if needs_grad:
+            grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, C)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V_padded, C)
+            # d loss / d logits of 2 chunks, so that grad_w (the size of the embedding) is updated half
+            # as often: each update reads and writes all of it.
+            group = 2 * chunk
+            g_buf = torch.empty(min(group, N), w.size(0), dtype=compute_dtype, device=hidden.device)
+        else:
+            group = chunk
+        for g0 in range(0, N, group):
+            g1 = min(g0 + group, N)
+            for start in range(g0, g1, chunk):
+                end = min(start + chunk, g1)
+                t_c = targets[start:end].clamp(min=0)  # (c,)
+                v_c = valid[start:end].float()  # (c,)
+                logits = torch.mm(h[start:end], w.t()).float()  # (c, V_padded)
+                logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are not tokens
+                picked = logits.gather(1, t_c.unsqueeze(1)).squeeze(1)  # (c,)
+                peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
+                exp = logits.sub_(peak).exp_()  # in place, one exp per logit: (c, V_padded)
+                sums = exp.sum(dim=1)  # (c,)
+                lse = peak.squeeze(1) + sums.log()  # (c,) log-sum-exp
+                total += ((lse - picked) * v_c).sum()
+                if needs_grad:
+                    # softmax - one-hot, times the mean's 1 / n_valid (0 for ignored rows)
+                    probs = exp.mul_((v_c * scale / sums).unsqueeze(1))
+                    probs[torch.arange(end - start, device=probs.device), t_c] -= v_c * scale
+                    g = g_buf[start - g0 : end - g0]
+                    g.copy_(probs)
+                    grad_h[start:end] = torch.mm(g, w)  # (c, C)
             if needs_grad:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place: (c, V_padded)
-                probs[torch.arange(probs.size(0), device=probs.device), t_c] -= 1.0  # d loss / d logits
-                probs.mul_((v_c * scale).unsqueeze(1))  # mean over valid positions; ignored rows -> 0
-                g = probs.to(compute_dtype)
-                grad_h[start : start + chunk] = torch.mm(g, w)  # (c, C)
-                grad_w += torch.mm(g.t(), h_c)  # (V_padded, C)
+                grad_w += torch.mm(g_buf[: g1 - g0].t(), h[g0:g1])  # (V_padded, C)
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total * scale
