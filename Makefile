@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@
 
+# Waiting OpenMP threads sleep instead of spinning: on a machine where other processes hold a core,
+# spinning threads make every op wait for it (docs/performance.md). An OMP_WAIT_POLICY already set wins.
 demo: setup
-	$(BIN)/python -m gpt2lab.demo
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m gpt2lab.demo
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -35,6 +37,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/train_cpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

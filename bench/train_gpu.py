@@ -39,7 +39,7 @@ def throughput(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     shape = dict(n_layer=2, n_head=2, n_embd=64) if args.tiny else dict(n_layer=12, n_head=12, n_embd=768)
     T = 64 if args.tiny else 1024
     B = args.batch_size

@@ -102,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
     if result.checkpoint is not None:
         print(f"checkpoint:    {result.checkpoint}")
     if result.interrupted:
-        print(f"continue with: gpt2lab train {args.config} --resume auto ...(same options)")
+        print("continue:      run the same command again with --resume auto")
     print(f"next:          gpt2lab sample --model {result.run_dir} --prompt '...'   gpt2lab plot {result.run_dir}")
     return 0

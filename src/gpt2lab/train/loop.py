@@ -129,8 +129,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.precision, self.device)
         if self.device.type == "cuda":
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
         self.tokenizer = data_tokenizer_or_gpt2(cfg.data.dir)
         self.loader = ShardLoader(
             cfg.data.dir,
