@@ -76,7 +76,7 @@ def cache_dir() -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random number generator a training step draws from (python, numpy, torch CPU, CUDA), as
+    """Every random number generator a training step draws from (python, numpy, torch CPU, CUDA, MPS), as
     JSON-ready values, so that a resumed run draws exactly what an uninterrupted one would."""
     py_version, py_internal, py_gauss = random.getstate()
     np_state = np.random.get_state()
@@ -87,6 +87,8 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    if _mps_available():
+        state["mps"] = _b64(torch.mps.get_rng_state())
     return state
 
 
@@ -100,6 +102,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+    if state.get("mps") and _mps_available():
+        torch.mps.set_rng_state(_unb64(state["mps"]))
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def _b64(t: torch.Tensor) -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from . import distributed as D
 from .build import fresh_model, model_from_checkpoint, pretrained_model
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
 from .optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state_tensors, set_lr
+from .signals import StopRequest
 
 
 @dataclass
@@ -80,32 +79,6 @@ def data_tokenizer_or_gpt2(data_dir: str) -> Tokenizer:
     if not root.is_dir():
         raise GPT2LabError(f"data directory {root} not found: prepare it first with 'gpt2lab prepare', or set data.dir")
     return data_tokenizer(root) if (root / MANIFEST_NAME).is_file() else get_tokenizer()
-
-
-class _StopRequest:
-    """SIGINT / SIGTERM set a flag the loop checks after each step; a second SIGINT aborts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread (e.g. not under some test runners)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
 
 class Trainer:
@@ -195,7 +168,7 @@ class Trainer:
             self.writer = MetricsWriter(self.run_dir, t.tensorboard)
             atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
             ckpt.remove_stale_temporaries(self.run_dir)
-        self.stop = _StopRequest()
+        self.stop = StopRequest()
         self.last_ckpt = source
         self.last_loss: float | None = None
         self.last_val: float | None = None
