@@ -120,20 +120,27 @@ def _run(args: argparse.Namespace) -> int:
     val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
     print(
         f"---\n\ndone in {elapsed / 60:.1f} min (data preparation + training): {result.step} steps, "
-        f"val loss {val} nats/token on {name}'s val split\n"
-        f"\nwhere things are:\n"
-        f"  {data_dir}/            tokenized corpus (manifest.json + shards)\n"
-        f"  {out}/config.toml      the resolved config\n"
-        f"  {out}/metrics.jsonl    loss, lr, grad norm, tokens/s per step; val loss and samples\n"
-        f"  {out}/checkpoints/     model + optimizer state (safetensors)\n"
-        f"  {plot}          train / val loss\n"
-        f"\nwhat to try next:\n"
+        f"val loss {val} nats per token on the {name} val split"
+    )
+    places = [
+        (f"{data_dir}/", "the tokenized corpus (manifest.json + shards)"),
+        (f"{out}/config.toml", "the resolved config"),
+        (f"{out}/metrics.jsonl", "loss, lr, grad norm, tokens/s per step; val loss and samples"),
+        (f"{out}/checkpoints/", "model and optimizer state (safetensors)"),
+        (str(plot), "train / val loss plot"),
+    ]
+    width = max(len(p) for p, _ in places) + 2
+    print("\nwhere things are:")
+    for path, what in places:
+        print(f"  {path.ljust(width)}{what}")
+    print(
+        "\nwhat to try next:\n"
         f"  .venv/bin/gpt2lab sample --model {out} --prompt {json.dumps(prompt)} --num-samples 3\n"
-        f"  .venv/bin/gpt2lab train configs/{CONFIG_NAME} --set train.max_steps=1000 --out runs/longer\n"
-        f"  .venv/bin/gpt2lab train configs/finetune-gpt2-shakespeare.toml     # fine-tune OpenAI's GPT-2 (124M)\n"
-        f"  torchrun --standalone --nproc_per_node=8 -m gpt2lab train configs/gpt2-124M-fineweb-edu.toml"
-        f"   # the 124M recipe on GPUs\n"
-        f"  see README.md, section Training"
+        f"  .venv/bin/gpt2lab train configs/{CONFIG_NAME} --set train.max_steps=3000 --out runs/longer\n"
+        "  .venv/bin/gpt2lab train configs/finetune-gpt2-shakespeare.toml   # fine-tune OpenAI's GPT-2 (124M)\n"
+        "  torchrun --standalone --nproc_per_node=8 -m gpt2lab train configs/gpt2-124M-fineweb-edu.toml"
+        "   # the 124M recipe, on GPUs\n"
+        "  README.md, section Training, says more"
     )
     return 0
 
