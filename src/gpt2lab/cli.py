@@ -18,6 +18,7 @@ from .errors import GPT2LabError
 COMMANDS = {
     "sample": "sample",
     "convert": "convert",
+    "eval": "eval",
 }
 
 EXIT_USER_ERROR = 1
