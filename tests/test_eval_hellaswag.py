@@ -43,10 +43,11 @@ def brute_force(hf, tok, record):
     return sums, means
 
 
-def test_scores_equal_transformers_brute_force(models, tok, items_file):
+@pytest.mark.parametrize("share_context", [True, False])
+def test_scores_equal_transformers_brute_force(models, tok, items_file, share_context):
     hf, ours = models
     items = hellaswag.read_items(items_file)
-    scores = hellaswag.score_items(ours, tok, items, batch_size=4)
+    scores = hellaswag.score_items(ours, tok, items, batch_size=4, share_context=share_context)
     correct = correct_norm = 0
     for record, score in zip(ITEMS, scores):
         sums, means = brute_force(hf, tok, record)
@@ -64,12 +65,12 @@ def test_scores_equal_transformers_brute_force(models, tok, items_file):
     assert result.acc_norm == correct_norm / len(ITEMS)
 
 
-def test_batched_equals_unbatched(models, tok, items_file):
+def test_batched_equals_unbatched_and_shared_context(models, tok, items_file):
     _, ours = models
     items = hellaswag.read_items(items_file)
-    one = hellaswag.score_items(ours, tok, items, batch_size=1)
-    for batch_size in (2, 5, 64):
-        many = hellaswag.score_items(ours, tok, items, batch_size=batch_size)
+    one = hellaswag.score_items(ours, tok, items, batch_size=1, share_context=False)
+    for batch_size, share in [(2, False), (5, False), (64, False), (1, True)]:
+        many = hellaswag.score_items(ours, tok, items, batch_size=batch_size, share_context=share)
         for a, b in zip(one, many):
             assert a.sum_losses == pytest.approx(b.sum_losses, abs=1e-5)
             assert a.mean_losses == pytest.approx(b.mean_losses, abs=1e-5)

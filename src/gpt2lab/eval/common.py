@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import GPT2LabError
+from ..model import KVCache
 from ..runtime import resolve_device
 
 
@@ -59,10 +60,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def logits_at(model: nn.Module, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def logits_at(
+    model: nn.Module, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cache: KVCache | None = None
+) -> torch.Tensor:
     """Logits at the positions (rows[i], cols[i]) of a forward pass over `idx` only, shape (N, V).
 
-    idx: (B, T) token ids; rows, cols: (N,) long tensors on idx's device.
+    idx: (B, T) token ids; rows, cols: (N,) long tensors on idx's device; cache: as in GPT.forward
+    (the T tokens follow the cached ones).
 
     Evaluations score a subset of positions (the HellaSwag endings, the new tokens of a perplexity
     window). The output projection is the single largest matmul of GPT-2 124M (768 x 50257, about a
@@ -77,7 +81,7 @@ def logits_at(model: nn.Module, idx: torch.Tensor, rows: torch.Tensor, cols: tor
 
     handle = gpt.transformer.ln_f.register_forward_hook(keep_scored)
     try:
-        logits, _ = gpt(idx)  # (1, N, V)
+        logits, _ = gpt(idx, cache=cache)  # (1, N, V)
     finally:
         handle.remove()
     assert logits.shape[:2] == (1, rows.numel()), logits.shape

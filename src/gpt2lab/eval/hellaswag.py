@@ -13,10 +13,13 @@ lm-evaluation-harness, which reports other numbers for the same model (see refer
 Data: the official validation set, rowanz/hellaswag data/hellaswag_val.jsonl (10,042 items), one
 JSON object per line with at least `ctx` (str), `endings` (4 str) and `label` (0-3).
 
-The four candidates of an item go through the model as four rows of one padded batch, and
-`batch_size` items share a forward pass. Items are batched longest first so that rows of similar
-length are padded together; padding sits on the right, where causal attention keeps it from
-touching the scored positions, so batching changes no score beyond float rounding.
+Two ways to run the model give the same scores (up to float rounding); `score_items` picks by device:
+  - on GPUs, `batch_size` items share a forward pass, each candidate a full row (context + ending),
+    longest items first so that rows of similar length are padded together. Padding sits on the right,
+    where causal attention keeps it from the scored positions;
+  - on CPUs, which are bound by arithmetic rather than by batch width, each item's context runs once
+    into a KV cache and the four endings run on top of it, about half the work.
+Either way only the ending positions go through the output projection (common.logits_at).
 
 Under torchrun, rank r scores items r, r + W, ... and the counts are summed over the ranks.
 """
@@ -35,6 +38,7 @@ import torch.nn as nn
 
 from ..download import cached_download
 from ..errors import GPT2LabError
+from ..model import KVCache
 from .common import all_reduce_sum, autocast, barrier, check_vocab, evaluating, logits_at, token_losses, unwrap
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -186,39 +190,55 @@ def parse_item(record: Any, where: str) -> Item:
 
 @dataclass(frozen=True)
 class _Encoded:
-    rows: tuple[tuple[int, ...], ...]  # 4 x (context tokens + ending tokens)
-    starts: tuple[int, ...]  # index of each row's first ending token
+    ctx: tuple[int, ...]
+    endings: tuple[tuple[int, ...], ...]  # " " + ending, tokenized
+    block_size: int
+
+    def row(self, i: int) -> tuple[tuple[int, ...], int]:
+        """Candidate i as one sequence, and the index of its first ending token. A row longer than
+        the model's context keeps its ending and the end of the context."""
+        end = self.endings[i]
+        keep = self.ctx[max(0, len(self.ctx) + len(end) - self.block_size) :]
+        return keep + end, len(keep)
 
     @property
     def longest(self) -> int:
-        return max(len(r) for r in self.rows)
+        return len(self.ctx) + max(len(e) for e in self.endings)
+
+    @property
+    def fits(self) -> bool:
+        return self.longest <= self.block_size
 
 
 def _encode(item: Item, tokenizer, block_size: int) -> _Encoded:
-    ctx = tokenizer.encode(item.ctx)
-    rows, starts = [], []
-    for i, ending in enumerate(item.endings):
-        # GPT-2's BPE attaches the space to the following word: " " + ending, as the reference scripts do.
-        end = tokenizer.encode(" " + ending)
+    ctx = tuple(tokenizer.encode(item.ctx))
+    # GPT-2's BPE attaches the space to the following word: " " + ending, as the reference scripts do.
+    endings = tuple(tuple(tokenizer.encode(" " + ending)) for ending in item.endings)
+    for i, end in enumerate(endings):
         if len(end) >= block_size:
             raise GPT2LabError(
                 f"{item.where or 'HellaSwag item'}: ending {i} is {len(end)} tokens, which does not fit the "
                 f"model's context of {block_size} with any context before it"
             )
-        # A row longer than the context window keeps its ending and the end of the context.
-        keep = ctx[max(0, len(ctx) + len(end) - block_size) :]
-        rows.append(tuple(keep + end))
-        starts.append(len(keep))
-    return _Encoded(tuple(rows), tuple(starts))
+    return _Encoded(ctx, endings, block_size)
+
+
+Scores = tuple[list[float], list[float]]  # summed and mean ending losses of the 4 candidates
+
+
+def _sums_and_means(sums: torch.Tensor, counts: torch.Tensor) -> list[Scores]:
+    """(R,) summed losses and ending-token counts of R = 4 x items rows -> per item (sums, means)."""
+    return list(zip(sums.view(-1, NUM_ENDINGS).tolist(), (sums / counts).view(-1, NUM_ENDINGS).tolist()))
 
 
 def _score_batch(
     gpt: nn.Module, batch: Sequence[_Encoded], device: torch.device, autocast_dtype: torch.dtype | None
-) -> list[tuple[list[float], list[float]]]:
-    """Summed and mean ending losses of each candidate of each item: [(sums (4,), means (4,))]."""
-    rows = [torch.tensor(r, dtype=torch.long) for e in batch for r in e.rows]
-    lengths = torch.tensor([len(r) for r in rows])  # (R,)
-    starts = torch.tensor([s for e in batch for s in e.starts])  # (R,)
+) -> list[Scores]:
+    """Several items in one forward pass: each candidate is a full row (context + ending), padded."""
+    encoded = [e.row(i) for e in batch for i in range(NUM_ENDINGS)]
+    rows = [torch.tensor(r, dtype=torch.long) for r, _ in encoded]
+    lengths = torch.tensor([len(r) for r, _ in encoded])  # (R,)
+    starts = torch.tensor([s for _, s in encoded])  # (R,)
     idx = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, T), right-padded with 0
     pos = torch.arange(idx.size(1))  # (T,)
     # Position p predicts token p + 1: the ending tokens [start, length) are predicted at [start - 1, length - 1).
@@ -230,10 +250,37 @@ def _score_batch(
         logits = logits_at(gpt, idx, r, c)  # (N, V)
     losses = token_losses(logits, targets).double()  # (N,)
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, r, losses)  # (R,)
-    counts = (lengths - starts).to(device=device, dtype=torch.float64)  # (R,) ending tokens per row
-    sums4 = sums.view(-1, NUM_ENDINGS).tolist()
-    means4 = (sums / counts).view(-1, NUM_ENDINGS).tolist()
-    return list(zip(sums4, means4))
+    return _sums_and_means(sums, (lengths - starts).to(device=device, dtype=torch.float64))
+
+
+def _score_shared_context(
+    gpt: nn.Module, item: _Encoded, device: torch.device, autocast_dtype: torch.dtype | None
+) -> Scores:
+    """One item with its context computed once: the context goes into a KV cache, then the four
+    endings run on top of it as a batch of 4 rows. The context is most of an item's tokens, so this
+    is about half the arithmetic of four full rows."""
+    ctx = torch.tensor([item.ctx], device=device)  # (1, Tc)
+    lengths = torch.tensor([len(e) for e in item.endings])  # (4,)
+    ends = nn.utils.rnn.pad_sequence([torch.tensor(e) for e in item.endings], batch_first=True)  # (4, Te)
+    ends = ends.to(device)
+    tc, te = ctx.size(1), ends.size(1)
+    dtype = next(gpt.parameters()).dtype if autocast_dtype is None else autocast_dtype
+    # Ending position p predicts ending token p + 1; the context's last position predicts token 0.
+    r, c = (torch.arange(te).unsqueeze(0) < (lengths - 1).unsqueeze(1)).nonzero(as_tuple=True)  # (N,) each
+    r, c = r.to(device), c.to(device)
+    with autocast(device, autocast_dtype):
+        prefix = KVCache(gpt.config, 1, tc, device=device, dtype=dtype)
+        last_pos = torch.tensor([tc - 1], device=device)
+        last = logits_at(gpt, ctx, torch.zeros_like(last_pos), last_pos, cache=prefix)  # (1, V)
+        cache = KVCache(gpt.config, NUM_ENDINGS, tc + te, device=device, dtype=dtype)
+        cache.k[:, :, :, :tc] = prefix.k  # (n_layer, 1 -> 4, nh, Tc, hs): the endings share the context
+        cache.v[:, :, :, :tc] = prefix.v
+        cache.pos = tc
+        logits = logits_at(gpt, ends, r, c, cache=cache) if r.numel() else None  # (N, V)
+    sums = token_losses(last.expand(NUM_ENDINGS, -1), ends[:, 0]).double()  # (4,) first ending tokens
+    if logits is not None:
+        sums = sums.index_add(0, r, token_losses(logits, ends[r, c + 1]).double())
+    return _sums_and_means(sums, lengths.to(device=device, dtype=torch.float64))[0]
 
 
 def score_items(
@@ -244,18 +291,27 @@ def score_items(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    share_context: bool | None = None,
 ) -> list[ItemScore]:
     """Per-candidate losses of every item, in the order given (this process only, no sharding).
 
-    `batch_size` items (4 x batch_size rows) go through the model per forward pass.
+    Two ways to run the model, with the same scores up to float rounding:
+    share_context=False: `batch_size` items per forward pass, 4 full rows each (the default on GPUs,
+    where wide batches are what makes a forward pass efficient);
+    share_context=True: one item at a time, its context once and the 4 endings from a KV cache (the
+    default on CPUs, which are bound by arithmetic, and this is about half of it). Items whose rows
+    would exceed the model's context are always scored as full rows.
     """
     if batch_size < 1:
         raise GPT2LabError(f"batch size must be at least 1, got {batch_size}")
     gpt = unwrap(model)
     check_vocab(gpt, tokenizer)
     device = torch.device(device) if device is not None else gpt.device
+    if share_context is None:
+        share_context = device.type == "cpu"
     encoded = [_encode(item, tokenizer, gpt.config.block_size) for item in items]
-    order = sorted(range(len(items)), key=lambda i: -encoded[i].longest)
+    shared = [i for i, e in enumerate(encoded) if share_context and e.fits]
+    batched = sorted(set(range(len(items))) - set(shared), key=lambda i: -encoded[i].longest)
     scores: list[ItemScore | None] = [None] * len(items)
     from tqdm.auto import tqdm
 
@@ -263,8 +319,12 @@ def score_items(
         evaluating(gpt),
         tqdm(total=len(items), desc="hellaswag", unit="item", disable=not progress, leave=False) as bar,
     ):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for i in shared:
+            sums, means = _score_shared_context(gpt, encoded[i], device, autocast_dtype)
+            scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
+            bar.update(1)
+        for start in range(0, len(batched), batch_size):
+            chunk = batched[start : start + batch_size]
             for i, (sums, means) in zip(chunk, _score_batch(gpt, [encoded[i] for i in chunk], device, autocast_dtype)):
                 scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
             bar.update(len(chunk))
