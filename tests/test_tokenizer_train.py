@@ -129,3 +129,52 @@ def test_vocab_mismatch_between_model_and_tokenizer(trained, tmp_path):
     save_model(model, tmp_path / "ckpt", get_tokenizer())
     with pytest.raises(GPT2LabError, match="vocabulary of 50257 tokens but tokenizer .* has 1500"):
         load_model_and_tokenizer(tmp_path / "ckpt", tokenizer=trained.path)
+
+
+def test_cli_train_stats_and_prepare_with_the_tokenizer(cli, shakespeare_path, tmp_path):
+    from gpt2lab.data import ShardLoader, data_tokenizer, read_manifest
+
+    tok_dir = tmp_path / "tok"
+    result = cli(
+        "tokenizer",
+        "train",
+        shakespeare_path,
+        "--split-on",
+        r"\n\n",
+        "--vocab-size",
+        "2000",
+        "--max-chars",
+        "400k",
+        "--pattern",
+        "gpt4",
+        "--out",
+        tok_dir,
+    )
+    assert result.code == 0, result.err
+    assert "trained bpe2000-" in result.out
+    tok = get_tokenizer(tok_dir)
+    assert tok.n_vocab == 2000
+
+    result = cli("tokenizer", "stats", shakespeare_path, "--tokenizer", tok_dir, "--json", tmp_path / "s.json")
+    assert result.code == 0, result.err
+    assert "gpt2" in result.out and tok.name in result.out
+    import json
+
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows[0]["tokens"] == 338_025 and rows[1]["n_vocab"] == 2000
+
+    data = tmp_path / "data"
+    result = cli("prepare", shakespeare_path, "--tokenizer", tok_dir, "--out", data, "--no-progress")
+    assert result.code == 0, result.err
+    manifest = read_manifest(data)
+    assert manifest["tokenizer"]["vocab_hash"] == tok.vocab_hash
+    assert "--tokenizer" in manifest["command"]
+    assert data_tokenizer(data).vocab_hash == tok.vocab_hash
+    text = shakespeare_path.read_text()
+    assert manifest["total_tokens"] == len(tok.encode(text)) + 1  # one document, one <|endoftext|>
+    x, _ = next(iter(ShardLoader(data, "val", batch_size=2, seq_len=16, rank=0, world_size=1, seed=0, shuffle=False)))
+    assert int(x.max()) < 2000
+    assert x[0, 0].item() == tok.eot_token
+
+    bad = cli("tokenizer", "train", tmp_path / "nothing-here", "--vocab-size", "300", "--out", tmp_path / "t2")
+    assert bad.code == 1 and "nothing-here" in bad.err

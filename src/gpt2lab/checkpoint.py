@@ -23,7 +23,7 @@ from .config import GPTConfig
 from .errors import GPT2LabError
 from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json
 from .model import GPT
-from .tokenizer import DESCRIPTOR, Tokenizer, get_tokenizer, load_tokenizer_dir
+from .tokenizer import Tokenizer, copy_tokenizer_files, get_tokenizer, tokenizer_from_record
 
 META_FILE = "gpt2lab.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -189,36 +189,11 @@ def load_model(
     return from_hf(name_or_path, device=device, dtype=torch_dtype).eval()
 
 
-def copy_tokenizer_files(tokenizer: Tokenizer, dest: Path) -> None:
-    """Copy a trained tokenizer's directory (descriptor, ranks, HF JSON) into `dest`, atomically per file."""
-    from .fileio import atomic_write_bytes
-
-    assert tokenizer.path is not None
-    for src in sorted(tokenizer.path.iterdir()):
-        if src.is_file() and not src.name.startswith("."):
-            atomic_write_bytes(dest / src.name, src.read_bytes())
-
-
 def checkpoint_tokenizer(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Tokenizer:
     """The tokenizer a gpt2lab checkpoint was trained with (its copied files, or GPT-2's)."""
     folder = Path(folder)
     meta = read_meta(folder) if meta is None else meta
-    info = meta.get("tokenizer") or {"name": "gpt2"}
-    if (folder / TOKENIZER_SUBDIR / DESCRIPTOR).is_file():
-        tok = load_tokenizer_dir(folder / TOKENIZER_SUBDIR)
-    elif info.get("name") == "gpt2":
-        tok = get_tokenizer()
-    else:
-        raise GPT2LabError(
-            f"{folder} was trained with tokenizer {info.get('name')!r}, whose files are not in the checkpoint; "
-            "pass its directory with --tokenizer"
-        )
-    if info.get("vocab_hash") not in (None, tok.vocab_hash):
-        raise GPT2LabError(
-            f"{folder}: the tokenizer found ({tok.name}) differs from the one the model was trained with "
-            f"({info.get('name')}, vocab hash {str(info.get('vocab_hash'))[:12]}...)"
-        )
-    return tok
+    return tokenizer_from_record(meta.get("tokenizer"), folder / TOKENIZER_SUBDIR, f"checkpoint {folder}")
 
 
 def load_model_and_tokenizer(

@@ -16,8 +16,10 @@ from .errors import GPT2LabError
 
 # Subcommand name -> module in gpt2lab.commands that defines `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
+    "prepare": "prepare",
     "sample": "sample",
     "convert": "convert",
+    "tokenizer": "tokenizer",
     "eval": "eval",
 }
 
@@ -37,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (module.__doc__ or "").strip()
         help_line = doc.splitlines()[0] if doc else None
         p = sub.add_parser(name, help=help_line, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if hasattr(module, "run"):  # commands with actions (`tokenizer train`) set _run per action
+            p.set_defaults(_run=module.run)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
     return parser
 
 

@@ -237,6 +237,40 @@ def load_tokenizer_dir(folder: str | os.PathLike) -> Tokenizer:
     return _load_dir(folder, desc.stat().st_mtime_ns)
 
 
+def copy_tokenizer_files(tokenizer: Tokenizer, dest: str | os.PathLike) -> None:
+    """Copy a trained tokenizer's directory into `dest` (each file atomically), so a data directory or a
+    checkpoint carries the tokenizer it was made with. GPT-2's needs no files: nothing is copied."""
+    from .fileio import atomic_write_bytes
+
+    if tokenizer.path is None:
+        return
+    for src in sorted(tokenizer.path.iterdir()):
+        if src.is_file() and not src.name.startswith("."):
+            atomic_write_bytes(Path(dest) / src.name, src.read_bytes())
+
+
+def tokenizer_from_record(record: dict | None, folder: str | os.PathLike, what: str) -> Tokenizer:
+    """The tokenizer that a manifest or checkpoint `record` ({"name", "vocab_hash"}) names: the copy in
+    `folder` when there is one, else GPT-2's; checked against the recorded hash."""
+    record = record or {"name": "gpt2"}
+    folder = Path(folder)
+    if (folder / DESCRIPTOR).is_file():
+        tok = load_tokenizer_dir(folder)
+    elif record.get("name") == "gpt2":
+        tok = get_tokenizer()
+    else:
+        raise GPT2LabError(
+            f"{what} was made with tokenizer {record.get('name')!r}, whose files are not in {folder}; "
+            "pass its directory with --tokenizer"
+        )
+    if record.get("vocab_hash") not in (None, tok.vocab_hash):
+        raise GPT2LabError(
+            f"{what}: tokenizer {tok.name!r} found in {folder} is not the recorded one "
+            f"({record.get('name')!r}, vocab hash {str(record.get('vocab_hash'))[:12]}...)"
+        )
+    return tok
+
+
 def get_tokenizer(name_or_path: str | os.PathLike | None = "gpt2") -> Tokenizer:
     """GPT-2's tokenizer (50257 tokens, built offline) by default, or a trained one from its directory."""
     if name_or_path in (None, "gpt2", "r50k_base"):

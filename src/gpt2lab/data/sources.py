@@ -1,0 +1,465 @@
+"""Where documents come from: local text / JSONL / Parquet files, Hugging Face datasets, named presets.
+
+Every source yields *pieces*, `(text, starts_document, progress)` tuples, in a fixed order. A document
+is one or more consecutive pieces, the first with `starts_document` true. Long documents (a 1 GB text
+file is one document by default) are cut into pieces of about `piece_chars` characters, so memory
+stays bounded and the pieces can be tokenized in parallel. The cuts are placed where GPT-2's
+pre-tokenizer splits the text anyway, so tokenizing the pieces one by one gives exactly the tokens of
+the whole document (see text.safe_cut). `progress` is how far through the input the piece brings us, in
+the source's `progress_unit`, for the progress bar.
+"""
+
+from __future__ import annotations
+
+import abc
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..download import cached_download
+from ..errors import GPT2LabError
+from .text import DocumentPieces, Utf8Decoder
+
+Piece = tuple[str, bool, int]
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+DEFAULT_PIECE_CHARS = 1 << 20
+READ_BYTES = 1 << 20
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named corpus: a public file downloaded once into the cache, or a Hugging Face dataset."""
+
+    name: str
+    shard_prefix: str
+    description: str
+    url: str | None = None
+    sha256: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset(
+            "tinyshakespeare",
+            "tinyshakespeare",
+            "Tiny Shakespeare (karpathy/char-rnn), 1 MB, 338K GPT-2 tokens",
+            url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        ),
+        # The corpus build-nanogpt and llm.c train GPT-2 (124M) on; llm.c names its shards edu_fineweb_*.
+        Preset(
+            "fineweb-edu-10B",
+            "edu_fineweb",
+            "FineWeb-Edu sample-10BT (HuggingFaceFW/fineweb-edu), about 10B GPT-2 tokens",
+            hf_dataset="HuggingFaceFW/fineweb-edu",
+            hf_config="sample-10BT",
+        ),
+        Preset(
+            "openwebtext",
+            "openwebtext",
+            "OpenWebText (Skylion007/openwebtext), about 9B GPT-2 tokens",
+            hf_dataset="Skylion007/openwebtext",
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class SourceStats:
+    empty_documents: int = 0
+    replaced_bytes: int = 0
+    files_with_replacements: list[str] = field(default_factory=list)
+
+
+class Source(abc.ABC):
+    """A corpus to read. `open()` checks it exists (raising GPT2LabError), `pieces()` streams it."""
+
+    progress_unit = "B"
+
+    def __init__(self, spec: str, shard_prefix: str, piece_chars: int) -> None:
+        self.spec = spec
+        self.shard_prefix = shard_prefix
+        self.piece_chars = piece_chars
+        self.stats = SourceStats()
+        self.progress_total: int | None = None
+        self.preset: Preset | None = None
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Check the source can be read and learn its size; errors here come before any output."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON description for the manifest."""
+
+    @abc.abstractmethod
+    def signature(self) -> str:
+        """A hash that changes when the input changes (file list, sizes, times; dataset identity)."""
+
+    @abc.abstractmethod
+    def pieces(self) -> Iterator[Piece]:
+        """The corpus as pieces, in order; counts empty documents and replaced bytes into `stats`."""
+
+
+def _kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+class FileSource(Source):
+    """Local files: one file, a directory (searched recursively, hidden entries skipped), or a glob.
+
+    Text files are one document each unless `split_on` is given; JSONL and Parquet files give one
+    document per record, from `text_field`. Files are read in sorted path order.
+    """
+
+    def __init__(
+        self, spec: str, shard_prefix: str, piece_chars: int, text_field: str = "text", split_on: str | None = None
+    ) -> None:
+        super().__init__(spec, shard_prefix, piece_chars)
+        self.text_field = text_field
+        self.split_on = split_on
+        self.files: list[Path] = []
+
+    def open(self) -> None:
+        self.files = _find_files(self.spec)
+        self.progress_total = sum(f.stat().st_size for f in self.files)
+
+    def describe(self) -> dict[str, Any]:
+        kinds = sorted({_kind_of(f) for f in self.files})
+        desc: dict[str, Any] = {
+            "kind": "files",
+            "path": self.spec,
+            "files": len(self.files),
+            "bytes": self.progress_total,
+            "formats": kinds,
+        }
+        if "text" in kinds:
+            desc["split_on"] = self.split_on
+        if set(kinds) & {"jsonl", "parquet"}:
+            desc["text_field"] = self.text_field
+        if self.preset is not None:
+            desc.update(preset=self.preset.name, url=self.preset.url, sha256=self.preset.sha256)
+        return desc
+
+    def signature(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def pieces(self) -> Iterator[Piece]:
+        doc = DocumentPieces(self.piece_chars)
+        readers = {"text": self._text_pieces, "jsonl": self._jsonl_pieces, "parquet": self._parquet_pieces}
+        for path in self.files:
+            yield from readers[_kind_of(path)](path, doc)
+        self.stats.empty_documents += doc.empty_documents
+
+    def _count(self, doc_pieces: Iterator[tuple[str, bool]], progress: int) -> Iterator[Piece]:
+        """Attach the progress made so far to the first piece (or to an empty one if there is none)."""
+        for text, starts in doc_pieces:
+            yield text, starts, progress
+            progress = 0
+        if progress:
+            yield "", False, progress
+
+    def _note_replacements(self, path: Path, decoder: Utf8Decoder) -> None:
+        if decoder.replaced:
+            self.stats.replaced_bytes += decoder.replaced
+            self.stats.files_with_replacements.append(str(path))
+
+    def _text_pieces(self, path: Path, doc: DocumentPieces) -> Iterator[Piece]:
+        decoder = Utf8Decoder()
+        sep = self.split_on
+        pending = ""  # text after the last separator, not yet handed to `doc` (may hold a partial sep)
+        first = True
+        with _open_input(path) as f:
+            while True:
+                data = f.read(READ_BYTES)
+                final = not data
+                text = decoder.decode(data, final)
+                if first and text:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+                    first = False
+                out: list[tuple[str, bool]] = []
+                if sep:
+                    # One split per read (not a find/slice loop, which copies the buffer per document).
+                    *complete, pending = (pending + text).split(sep)
+                    for part in complete:
+                        out += doc.add(part)
+                        out += doc.end()
+                    keep = 0 if final else len(sep) - 1  # the tail may be the start of a separator
+                    head, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                    out += doc.add(head)
+                else:
+                    out += doc.add(text)
+                if final:
+                    out += doc.end()
+                yield from self._count(iter(out), len(data))
+                if final:
+                    break
+        self._note_replacements(path, decoder)
+
+    def _jsonl_pieces(self, path: Path, doc: DocumentPieces) -> Iterator[Piece]:
+        decoder = Utf8Decoder()
+        field_name = self.text_field
+        with _open_input(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decoder.decode_whole(raw)
+                if not line.strip():
+                    yield from self._count(iter(()), len(raw))
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GPT2LabError(
+                        f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line of a "
+                        "JSONL file must be one JSON object"
+                    ) from None
+                text = _field(record, field_name, f"{path}:{lineno}")
+                yield from self._count(doc.whole(text), len(raw))
+        self._note_replacements(path, decoder)
+
+    def _parquet_pieces(self, path: Path, doc: DocumentPieces) -> Iterator[Piece]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            schema = pf.schema_arrow
+        except (pa.ArrowException, OSError) as e:
+            raise GPT2LabError(f"{path}: not a readable Parquet file ({e})") from None
+        if self.text_field not in schema.names:
+            raise GPT2LabError(
+                f"{path}: no column {self.text_field!r} (columns: {', '.join(schema.names)}); "
+                "choose the text column with --text-field"
+            )
+        column_type = schema.field(self.text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise GPT2LabError(
+                f"{path}: column {self.text_field!r} has type {column_type}, not string; "
+                "choose the text column with --text-field"
+            )
+        rows = max(1, pf.metadata.num_rows)
+        size = path.stat().st_size
+        done_rows, done_bytes = 0, 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+                texts = batch.column(0).to_pylist()
+                done_rows += len(texts)
+                advance = size * done_rows // rows - done_bytes
+                done_bytes += advance
+                pieces: list[tuple[str, bool]] = []
+                for text in texts:
+                    pieces += doc.whole(text or "")
+                yield from self._count(iter(pieces), advance)
+        except (pa.ArrowException, OSError) as e:
+            raise GPT2LabError(f"{path}: cannot read Parquet data ({e})") from None
+
+
+def _open_input(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise GPT2LabError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _field(record: Any, name: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise GPT2LabError(f"{where}: expected a JSON object with a {name!r} field, got {type(record).__name__}")
+    if name not in record:
+        fields = ", ".join(map(str, list(record)[:10])) or "none"
+        raise GPT2LabError(f"{where}: no field {name!r} (fields: {fields}); choose the text field with --text-field")
+    text = record[name]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise GPT2LabError(f"{where}: field {name!r} is a {type(text).__name__}, not a string")
+    return text
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _find_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(KNOWN_SUFFIXES)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        files = [p for p in files if not _is_hidden(p, path)]
+        if not files:
+            raise GPT2LabError(
+                f"{spec}: no {', '.join(KNOWN_SUFFIXES)} files in this directory; point at the corpus files"
+            )
+    elif glob.has_magic(spec):
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
+        files = [p for p in matches if p.is_file()]
+        if not files:
+            raise GPT2LabError(f"{spec}: the pattern matches no files")
+        unknown = [p for p in files if not p.name.lower().endswith(KNOWN_SUFFIXES)]
+        if unknown:
+            raise GPT2LabError(
+                f"{unknown[0]}: unsupported file type; gpt2lab prepare reads {', '.join(KNOWN_SUFFIXES)} files"
+            )
+    else:
+        hint = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+            hint = f"; for the Hugging Face dataset of that name write {HF_PREFIX}{spec}"
+        presets = ", ".join(PRESETS)
+        raise GPT2LabError(f"{spec}: no such file, directory or preset (presets: {presets}){hint}")
+    return files
+
+
+class HFSource(Source):
+    """A Hugging Face dataset, read with `datasets` in streaming mode (nothing is stored as text)."""
+
+    progress_unit = "doc"
+
+    def __init__(
+        self, dataset: str, shard_prefix: str, piece_chars: int, config: str | None, split: str, text_field: str
+    ) -> None:
+        super().__init__(dataset, shard_prefix, piece_chars)
+        self.dataset, self.config, self.split, self.text_field = dataset, config, split, text_field
+        self._ds: Any = None
+
+    def _where(self) -> str:
+        config = f", config {self.config!r}" if self.config else ""
+        return f"Hugging Face dataset {self.dataset!r}{config}, split {self.split!r}"
+
+    def open(self) -> None:
+        try:
+            import datasets
+        except ImportError:
+            raise GPT2LabError(
+                "reading a Hugging Face dataset needs the 'datasets' package: pip install 'gpt2lab[data]'"
+            ) from None
+        try:
+            self._ds = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
+        except Exception as e:  # datasets raises many types (network, not found, bad config); all are the user's
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GPT2LabError(
+                f"cannot open the {self._where()}: {reason} (check the name, --hf-config, --split and the network)"
+            ) from None
+        info = getattr(self._ds, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        if self.split in splits and splits[self.split].num_examples:
+            self.progress_total = int(splits[self.split].num_examples)
+
+    def describe(self) -> dict[str, Any]:
+        desc = {
+            "kind": "hf",
+            "dataset": self.dataset,
+            "config": self.config,
+            "split": self.split,
+            "text_field": self.text_field,
+        }
+        if self.preset is not None:
+            desc["preset"] = self.preset.name
+        return desc
+
+    def signature(self) -> str:
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
+
+    def pieces(self) -> Iterator[Piece]:
+        doc = DocumentPieces(self.piece_chars)
+        n = 0
+        try:
+            for n, example in enumerate(self._ds, 1):
+                text = _field(example, self.text_field, f"{self._where()}, example {n}")
+                for text_piece, starts in doc.whole(text):
+                    yield text_piece, starts, int(starts)
+                if not text:
+                    yield "", False, 1
+        except GPT2LabError:
+            raise
+        except Exception as e:  # a network failure mid-stream: the run can be resumed
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GPT2LabError(
+                f"reading the {self._where()} failed after {n} examples: {reason}; run the same command again to resume"
+            ) from None
+        self.stats.empty_documents += doc.empty_documents
+
+
+def resolve_source(
+    spec: str,
+    *,
+    text_field: str | None = None,
+    split_on: str | None = None,
+    hf_config: str | None = None,
+    hf_split: str | None = None,
+    piece_chars: int = DEFAULT_PIECE_CHARS,
+) -> Source:
+    """The `Source` named by SOURCE on the command line: a preset, `hf:NAME`, or a local path / glob.
+
+    Options left as None take the preset's values (or the defaults: field "text", split "train").
+    Nothing is read or downloaded until `open()`, except that the tinyshakespeare preset downloads its
+    file into the cache here (once).
+    """
+    preset = PRESETS.get(spec)
+    if preset is not None and preset.hf_dataset is None:
+        assert preset.url is not None
+        path = cached_download(preset.url, f"{preset.name}.txt", sha256=preset.sha256)
+        source: Source = FileSource(
+            str(path), preset.shard_prefix, piece_chars, text_field or preset.text_field, split_on
+        )
+    elif preset is not None or spec.startswith(HF_PREFIX):
+        dataset = preset.hf_dataset if preset else spec[len(HF_PREFIX) :]
+        if not dataset:
+            raise GPT2LabError(
+                f"{spec!r}: give the dataset name after '{HF_PREFIX}', e.g. hf:HuggingFaceFW/fineweb-edu"
+            )
+        assert dataset is not None
+        prefix = preset.shard_prefix if preset else _prefix_from(dataset)
+        source = HFSource(
+            dataset,
+            prefix,
+            piece_chars,
+            hf_config if hf_config is not None else (preset.hf_config if preset else None),
+            hf_split or (preset.hf_split if preset else "train"),
+            text_field or (preset.text_field if preset else "text"),
+        )
+    else:
+        source = FileSource(spec, _prefix_from(spec), piece_chars, text_field or "text", split_on)
+    source.preset = preset
+    return source
+
+
+def _prefix_from(spec: str) -> str:
+    """A shard file prefix from a path or dataset name: 'data/my-corpus/*.txt' -> 'my-corpus'."""
+    parts = [p for p in re.split(r"[/\\]", spec) if p and not glob.has_magic(p) and p not in (".", "..")]
+    stem = parts[-1] if parts else "corpus"
+    for suffix in KNOWN_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = re.sub(r"[^\w.-]+", "-", stem).strip("-.") or "corpus"
+    return stem
