@@ -84,7 +84,7 @@ def test_bits_per_byte_and_bos(models, tok, tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
     corpus = perplexity.read_corpus(str(path))
-    assert corpus.text == TEXT and corpus.source["kind"] == "file"
+    assert corpus.text == TEXT and corpus.source["kind"] == "files" and corpus.source["documents"] == 1
     ids, n_bytes = perplexity.corpus_tokens(corpus, tok)
     assert n_bytes == len(TEXT.encode("utf-8")) > len(TEXT)
     result = perplexity.evaluate(ours, ids, context=32, stride=16, n_bytes=n_bytes)
@@ -148,12 +148,30 @@ def test_cli_perplexity_of_a_text_file(cli, models, tok, tmp_path):
     assert "windows of 32 tokens every 16 tokens" in report["method"]
 
     bad = cli("eval", "--model", tmp_path / "hf", "--task", "perplexity", "--data", tmp_path / "missing.txt")
-    assert bad.code == 1 and "missing.txt: no such file" in bad.err
+    assert bad.code == 1 and "missing.txt: no such file or directory" in bad.err
     bad = cli("eval", "--model", tmp_path / "hf", "--task", "perplexity")
     assert bad.code == 1 and "--task perplexity needs --data" in bad.err
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     bad = cli("eval", "--model", tmp_path / "hf", "--task", "perplexity", "--data", tmp_path / "latin1.txt")
-    assert bad.code == 1 and "not UTF-8 text (invalid byte at offset 3)" in bad.err
+    assert bad.code == 1 and "latin1.txt: not UTF-8 text (undecodable bytes: 1)" in bad.err
+
+
+def test_jsonl_and_parquet_corpora_are_documents_joined(tmp_path):
+    docs = ["First document.", "Second one, with é.", "", "Third."]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs), encoding="utf-8")
+    corpus = perplexity.read_corpus(str(tmp_path / "c.jsonl"), text_field="body")
+    assert corpus.text == "First document.\n\nSecond one, with é.\n\nThird."  # empty records skipped
+    assert corpus.source["documents"] == 3 and corpus.source["join"] == "\n\n"
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": docs}), tmp_path / "c.parquet")
+    assert (
+        perplexity.read_corpus(str(tmp_path / "c.parquet"), join=" ").text
+        == "First document. Second one, with é. Third."
+    )
+    with pytest.raises(GPT2LabError, match="fineweb-edu-10B is a large training corpus"):
+        perplexity.read_corpus("fineweb-edu-10B")
 
 
 def test_wikitext_2_is_read_as_the_guide_reads_it(monkeypatch):

@@ -9,7 +9,8 @@ Examples:
 
 --data is, per task: hellaswag  a JSONL file in the official schema (default: the official validation
 set, downloaded once); val-loss  a directory made by 'gpt2lab prepare' (its val split); perplexity  a
-text file, hf:DATASET (with --hf-config, --split) or wikitext-2 (wikitext-2-raw-v1, test split).
+text, JSONL or Parquet file (or a directory or glob of them; documents joined with --join),
+hf:DATASET (with --hf-config, --split) or wikitext-2 (wikitext-2-raw-v1, test split).
 """
 
 from __future__ import annotations
@@ -194,10 +195,11 @@ def _val_loss(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], di
 
 
 def _perplexity(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    from ..data.text import unescape
     from ..eval import perplexity
     from ..eval.references import WIKITEXT2_HF_GUIDE_GPT2_LARGE, WIKITEXT2_PAPER_PERPLEXITY
 
-    join = args.join.encode("latin-1", "backslashreplace").decode("unicode_escape")  # "\n\n" typed as text
+    join = unescape(args.join)  # "\n\n" typed on a command line
     corpus = perplexity.read_corpus(args.data, args.text_field, args.hf_config, args.split, join)
     tokens, n_bytes = perplexity.corpus_tokens(corpus, tok, bos=args.bos, max_tokens=args.max_tokens)
     result = perplexity.evaluate(

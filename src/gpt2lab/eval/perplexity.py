@@ -20,6 +20,7 @@ added in window order, so the result does not depend on the number of ranks or t
 
 from __future__ import annotations
 
+import glob
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -216,8 +217,13 @@ def read_corpus(
     split: str | None = None,
     join: str = DEFAULT_JOIN,
 ) -> Corpus:
-    """The text named by `spec`: a local text file, `hf:DATASET` (with `hf_config` and `split`), or
-    a named corpus (`wikitext-2`). Several documents are joined with `join`."""
+    """The text named by `spec`, its documents joined with `join`:
+      - a named corpus (`wikitext-2`) or `hf:DATASET` (with `hf_config`, `split`, default "test"):
+        every row of the split, as the Hugging Face guide reads WikiText;
+      - a text, JSONL or Parquet file, a directory or a glob of them, or a file preset of
+        `gpt2lab prepare` (tinyshakespeare), read by gpt2lab.data.sources: a text file is one
+        document, a JSONL record or Parquet row one document (`text_field`).
+    """
     if spec in NAMED_CORPORA:
         named = NAMED_CORPORA[spec]
         return _read_hf(named["dataset"], named["config"], named["split"], text_field, join, name=spec)
@@ -226,22 +232,39 @@ def read_corpus(
         if not dataset:
             raise GPT2LabError(f"{spec!r}: give the dataset name after '{HF_PREFIX}', e.g. hf:Salesforce/wikitext")
         return _read_hf(dataset, hf_config, split or "test", text_field, join)
-    return _read_text_file(Path(spec).expanduser())
+    return _read_files(spec, text_field, join)
 
 
-def _read_text_file(path: Path) -> Corpus:
-    if not path.is_file():
+def _read_files(spec: str, text_field: str, join: str) -> Corpus:
+    from ..data.sources import PRESETS, resolve_source
+
+    preset = PRESETS.get(spec)
+    if preset is None and not Path(spec).expanduser().exists() and not glob.has_magic(spec):
         names = ", ".join(NAMED_CORPORA)
-        raise GPT2LabError(f"{path}: no such file; give a text file, hf:DATASET or a named corpus ({names})")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise GPT2LabError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise GPT2LabError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
-    return Corpus(text, {"kind": "file", "path": str(path), "documents": 1})
+        raise GPT2LabError(
+            f"{spec}: no such file or directory; give a text, JSONL or Parquet file, hf:DATASET, or {names}"
+        )
+    if preset is not None and preset.hf_dataset is not None:
+        raise GPT2LabError(
+            f"{spec} is a large training corpus; prepare it with 'gpt2lab prepare' and use --task val-loss"
+        )
+    source = resolve_source(spec, text_field=text_field)
+    source.open()
+    documents: list[list[str]] = []
+    for text, starts_document, _ in source.pieces():
+        if starts_document:
+            documents.append([])
+        if text:
+            documents[-1].append(text)
+    if source.stats.replaced_bytes:
+        raise GPT2LabError(
+            f"{source.stats.files_with_replacements[0]}: not UTF-8 text (undecodable bytes: "
+            f"{source.stats.replaced_bytes}); perplexity is measured on UTF-8 text only"
+        )
+    if not documents:
+        raise GPT2LabError(f"{spec}: no text to evaluate (every document is empty)")
+    text = join.join("".join(parts) for parts in documents)
+    return Corpus(text, {**source.describe(), "documents": len(documents), "join": join})
 
 
 def _read_hf(
