@@ -135,7 +135,7 @@ def _hellaswag(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], d
     rows = [
         ("acc_norm", f"{result.acc_norm:.4f}" + (f"  (expected {expected['acc_norm']})" if expected else "")),
         ("acc", f"{result.acc:.4f}" + (f"  (expected {expected['acc']})" if "acc" in expected else "")),
-        ("items", f"{result.items}" + ("" if args.limit else f" of {path.name}")),
+        ("items", f"{result.items}" + (f" (--limit {args.limit})" if args.limit else f" ({path.name})")),
         ("references", f"acc_norm {refs}"),
     ]
     report = {
@@ -242,7 +242,8 @@ def _perplexity(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], 
 
 
 def _hub_short_name(name: str) -> str:
-    return str(name).removeprefix("openai-community/")
+    """'gpt2' for the Hub names of OpenAI's checkpoints; a local path gets no expected numbers."""
+    return "" if Path(name).expanduser().exists() else str(name).removeprefix("openai-community/")
 
 
 def _model_info(source: str, model, tok) -> dict[str, Any]:
