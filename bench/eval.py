@@ -11,6 +11,7 @@ times in turn and the medians are reported, as items per second and per CPU-seco
 all must make the same predictions.
 
     python bench/eval.py                    # CPU, float32, as docs/performance.md
+    python bench/eval.py --threads 1        # one thread: what each method costs, least disturbed by other jobs
     python bench/eval.py --items 200 --device cuda
 """
 
@@ -109,7 +110,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="gpt2lab items per forward pass")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from gpt2lab import get_tokenizer
     from gpt2lab.eval import hellaswag

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import subprocess_env
-from eval_data import ITEMS, write_items
+from eval_data import ITEMS, one_torch_thread, write_items  # noqa: F401 (autouse fixture)
 from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import get_tokenizer

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from eval_data import ITEMS, write_items
+from eval_data import ITEMS, one_torch_thread, write_items  # noqa: F401 (autouse fixture)
 from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import GPT2LabError, get_tokenizer

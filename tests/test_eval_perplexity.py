@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from eval_data import one_torch_thread  # noqa: F401 (autouse fixture)
 from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import GPT2LabError, get_tokenizer

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_data import one_torch_thread, write_items  # noqa: F401 (autouse fixture)
 from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import GPT2LabError, get_tokenizer
 from gpt2lab.data import PrepareOptions, open_split_tokens, write_shard
 from gpt2lab.data.prepare import prepare
-from gpt2lab.eval import VAL_LOSS_REFERENCES
+from gpt2lab.eval import VAL_LOSS_REFERENCES, hellaswag
 from gpt2lab.eval.during_training import eval_metrics
 from gpt2lab.eval.val_loss import DEFAULT_MAX_TOKENS, val_loss
 
@@ -18,6 +19,11 @@ from gpt2lab.eval.val_loss import DEFAULT_MAX_TOKENS, val_loss
 def models():
     hf = hf_gpt2(seed=11, initializer_range=0.1)
     return hf, gpt2lab_twin(hf)
+
+
+@pytest.fixture
+def items_file(tmp_path):
+    return write_items(tmp_path / "items.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +69,34 @@ def test_budget_larger_than_the_split_uses_all_of_it(models, data_dir):
     assert result["windows"] == (1000 - 1) // 64 and result["tokens"] == 15 * 64
 
 
-def test_training_loop_entry_point(models, data_dir):
+class DDPLike(torch.nn.Module):
+    """Stands in for DistributedDataParallel: evaluations must use `.module`, never the wrapper."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("an evaluation called the DDP wrapper")
+
+
+def test_training_loop_entry_point(models, data_dir, items_file):
     _, ours = models
     tok = get_tokenizer()
     tokens = open_split_tokens(data_dir, "val", tok)  # opened once by the loop
-    ours.train()
-    metrics = eval_metrics(ours, val_data=tokens, val_max_tokens=320, val_batch_size=4, val_seq_len=32, tokenizer=tok)
-    assert ours.training
+    items = hellaswag.read_items(items_file)
+    wrapped = DDPLike(ours)
+    wrapped.train()
+    metrics = eval_metrics(
+        wrapped, val_data=tokens, val_max_tokens=320, val_batch_size=4, val_seq_len=32, hellaswag_items=items,
+        tokenizer=tok,
+    )  # fmt: skip
+    assert ours.training  # train mode restored
     ours.eval()
-    assert set(metrics) == {"val_loss", "val_tokens"} and metrics["val_tokens"] == 320
+    assert set(metrics) == {"val_loss", "val_tokens", "hellaswag_acc_norm", "hellaswag_acc", "hellaswag_items"}
+    assert metrics["val_tokens"] == 320 and metrics["hellaswag_items"] == len(items)
     assert metrics["val_loss"] == pytest.approx(val_loss(ours, data_dir, 320, 2, 32)["loss"], rel=1e-6)
+    assert metrics["hellaswag_acc_norm"] == hellaswag.evaluate(ours, tok, items).acc_norm
     assert VAL_LOSS_REFERENCES == {"gpt2-124M": 3.2924}
 
 

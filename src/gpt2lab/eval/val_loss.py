@@ -64,6 +64,9 @@ def val_loss(
     "seq_len"}.
     """
     gpt = unwrap(model)
+    # DistributedDataParallel's wrapper is skipped: evaluation needs no gradient sync, and ranks run
+    # different numbers of batches. A torch.compile wrapper inside it is kept, for speed.
+    net = getattr(model, "module", model)
     seq_len = gpt.config.block_size if seq_len is None else seq_len
     if not 1 <= seq_len <= gpt.config.block_size:
         raise GPT2LabError(f"sequence length must be between 1 and the model's block size {gpt.config.block_size}")
@@ -86,7 +89,7 @@ def val_loss(
 
     show = progress and rank == 0
     with (
-        evaluating(model),
+        evaluating(net),
         tqdm(total=len(mine), desc="val loss", unit="window", disable=not show, leave=False) as bar,
     ):
         for start in range(0, len(mine), batch_size):
@@ -100,7 +103,7 @@ def val_loss(
             buf = torch.from_numpy(buf.astype(np.int64)).to(device)
             x, y = buf[:, :-1], buf[:, 1:]  # (b, T) inputs and next-token targets
             with autocast(device, autocast_dtype):
-                logits, _ = model(x)  # (b, T, V)
+                logits, _ = net(x)  # (b, T, V)
             # One window at a time: a float32 copy of a single (T, V) slice, not of the whole batch.
             sums = torch.stack(
                 [nn.functional.cross_entropy(logits[i].float(), y[i], reduction="sum") for i in range(len(batch))]
