@@ -36,7 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the checkpoint's, or GPT-2's)"
     )
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="items or windows per forward pass (8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="items or windows per forward pass (default 8; HellaSwag on CPU runs one item at a time, "
+        "its context shared by the 4 endings)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number, the model, data and method here")
