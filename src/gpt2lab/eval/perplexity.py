@@ -15,7 +15,8 @@ is never scored; `bos=True` puts <|endoftext|> in front of the text so that it i
 Bits per byte does not depend on the tokenizer, so models with different vocabularies compare.
 
 Under torchrun, rank r computes windows r, r + W, ...; the per-window sums are all-reduced and
-added in window order, so the result does not depend on the number of ranks or the batch size.
+added in window order, so the result does not depend on the number of ranks or the batch size
+(beyond the float rounding of the forward pass itself).
 """
 
 from __future__ import annotations
