@@ -20,6 +20,7 @@ COMMANDS = {
     "sample": "sample",
     "convert": "convert",
     "tokenizer": "tokenizer",
+    "eval": "eval",
     "train": "train",
     "plot": "plot",
 }

@@ -211,6 +211,17 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, x: 
                     linestyle=["-", "--", ":", "-."][j % 4],
                     label=f"{label} {key}",
                 )
+    if any(_fineweb_edu(run_dir) for run_dir, _ in runs):
+        # build-nanogpt's yardstick: OpenAI's GPT-2 (124M) on the same FineWeb-Edu val tokens
+        from .eval import VAL_LOSS_REFERENCES
+
+        ref = VAL_LOSS_REFERENCES["gpt2-124M"]
+        ax.axhline(ref, color="gray", linestyle=":", linewidth=1, label=f"OpenAI GPT-2 124M val ({ref})")
+    if "hellaswag_acc_norm" in extra_keys:
+        from .eval import HELLASWAG_REFERENCES
+
+        for (name, value), style in zip(HELLASWAG_REFERENCES.items(), (":", "-.")):
+            axes[0][1].axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} ({value})")
     ax.set_xlabel("tokens" if x == "tokens" else "step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title("train / val loss")
@@ -228,6 +239,24 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, x: 
     plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def _fineweb_edu(run_dir: Path) -> bool:
+    """Whether a run trained on FineWeb-Edu (its config's data directory was made from it)."""
+    try:
+        import sys
+
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        data_dir = Path(tomllib.loads((run_dir / "config.toml").read_text())["data"]["dir"])
+        manifest = data_dir / "manifest.json"
+        if manifest.is_file():
+            return "fineweb-edu" in json.dumps(json.loads(manifest.read_text()).get("source")).lower()
+        return any(data_dir.glob("edu_fineweb_val_*.bin"))  # llm.c's shards
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _xs(records: list[dict[str, Any]], scale: float) -> list[float]:

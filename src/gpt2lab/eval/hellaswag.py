@@ -1,0 +1,362 @@
+"""HellaSwag (Zellers et al. 2019), scored completion style as build-nanogpt and llm.c score it.
+
+Each item is a context and four candidate endings, one of them right (`label`). The model reads
+the context followed by " " + ending for each candidate, and the loss of the ending tokens alone
+decides (llm.c dev/data/hellaswag.py, build-nanogpt hellaswag.py):
+
+    acc       the candidate with the lowest summed loss over its ending tokens
+    acc_norm  the candidate with the lowest mean loss per ending token (the headline number)
+
+This is the "completion style" of those scripts, not the multiple-choice prompt of
+lm-evaluation-harness, which reports other numbers for the same model (see references.py).
+
+Data: the official validation set, rowanz/hellaswag data/hellaswag_val.jsonl (10,042 items), one
+JSON object per line with at least `ctx` (str), `endings` (4 str) and `label` (0-3).
+
+Two ways to run the model give the same scores (up to float rounding); `score_items` picks by device:
+  - on GPUs, `batch_size` items share a forward pass, each candidate a full row (context + ending),
+    longest items first so that rows of similar length are padded together. Padding sits on the right,
+    where causal attention keeps it from the scored positions;
+  - on CPUs, which are bound by arithmetic rather than by batch width, each item's context runs once
+    into a KV cache and the four endings run on top of it, about half the work.
+Either way only the ending positions go through the output projection (common.logits_at).
+
+Under torchrun, rank r scores items r, r + W, ... and the counts are summed over the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..download import cached_download
+from ..errors import GPT2LabError
+from ..model import KVCache
+from .common import all_reduce_sum, autocast, barrier, check_vocab, evaluating, logits_at, token_losses, unwrap
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+CACHE_NAME = "hellaswag_val.jsonl"
+VALIDATION_ITEMS = 10042
+NUM_ENDINGS = 4
+METHOD = (
+    "completion style (llm.c / build-nanogpt): context + ' ' + ending per candidate; acc = lowest summed "
+    "loss over the ending tokens, acc_norm = lowest mean loss per ending token"
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One HellaSwag question: a context, four endings, the index of the right one."""
+
+    ctx: str
+    endings: tuple[str, ...]
+    label: int
+    where: str = field(default="", compare=False)  # "file:line", for error messages
+
+
+@dataclass(frozen=True)
+class ItemScore:
+    """The losses of one item's four candidates (nats, ending tokens only)."""
+
+    label: int
+    sum_losses: tuple[float, ...]
+    mean_losses: tuple[float, ...]
+
+    @property
+    def pred(self) -> int:
+        return _argmin(self.sum_losses)
+
+    @property
+    def pred_norm(self) -> int:
+        return _argmin(self.mean_losses)
+
+
+@dataclass(frozen=True)
+class HellaSwagResult:
+    """Counts over all ranks; `acc_norm` is the number to compare with GPT-2's 0.2955."""
+
+    items: int
+    correct: int
+    correct_norm: int
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.items if self.items else float("nan")
+
+    @property
+    def acc_norm(self) -> float:
+        return self.correct_norm / self.items if self.items else float("nan")
+
+    def metrics(self, prefix: str = "hellaswag_") -> dict[str, float]:
+        """Flat numbers for metrics.jsonl / --json."""
+        return {f"{prefix}acc_norm": self.acc_norm, f"{prefix}acc": self.acc, f"{prefix}items": self.items}
+
+
+def _argmin(values: Sequence[float]) -> int:
+    # First index of the minimum, as torch.argmin picks it in the reference scripts.
+    return min(range(len(values)), key=lambda i: (values[i], i))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def validation_file(data: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1) -> Path:
+    """`data` if given, else the official validation file, downloaded once into the gpt2lab cache.
+
+    Under torchrun rank 0 downloads while the others wait, so the file is fetched once.
+    """
+    if data is not None:
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise GPT2LabError(f"HellaSwag file {path} not found; omit --data to download the official validation set")
+        return path
+    if rank == 0:
+        path = cached_download(HELLASWAG_URL, CACHE_NAME)
+    barrier(world_size)
+    if rank != 0:
+        path = cached_download(HELLASWAG_URL, CACHE_NAME)  # in the cache now: no download
+    return path
+
+
+def load_validation(
+    data: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None
+) -> list[Item]:
+    """The items of `data`, or of the official validation set (downloaded once); see validation_file."""
+    return read_items(validation_file(data, rank, world_size), limit)
+
+
+def read_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
+    """Items of a HellaSwag JSONL file (official schema); every problem names the file and line."""
+    path = Path(path)
+    items: list[Item] = []
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if limit is not None and len(items) >= limit:
+                    break
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise GPT2LabError(
+                        f"{where}: not UTF-8 text (byte {e.start}); is this a HellaSwag JSONL file?"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GPT2LabError(
+                        f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one HellaSwag "
+                        "item with ctx, endings and label"
+                    ) from None
+                items.append(parse_item(record, where))
+    except OSError as e:
+        raise GPT2LabError(f"cannot read HellaSwag file {path}: {e.strerror or e}") from None
+    if not items:
+        raise GPT2LabError(f"{path} holds no HellaSwag items (the file is empty); expected one JSON item per line")
+    return items
+
+
+def parse_item(record: Any, where: str) -> Item:
+    """An Item from one parsed JSON record, checked against the official schema."""
+    if not isinstance(record, dict):
+        raise GPT2LabError(f"{where}: expected a JSON object with ctx, endings and label, got {type(record).__name__}")
+    for name in ("ctx", "endings", "label"):
+        if name not in record:
+            raise GPT2LabError(f"{where}: missing field {name!r}; HellaSwag items need ctx, endings and label")
+    ctx, endings, label = record["ctx"], record["endings"], record["label"]
+    if not isinstance(ctx, str) or not ctx:
+        raise GPT2LabError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r:.60}")
+    if not isinstance(endings, list) or len(endings) != NUM_ENDINGS or not all(isinstance(e, str) for e in endings):
+        raise GPT2LabError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings, got {endings!r:.80}")
+    # The official files store an int; Hugging Face's copy (Rowan/hellaswag) stores a digit string.
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+        raise GPT2LabError(f"{where}: 'label' must be 0, 1, 2 or 3 (the index of the right ending), got {label!r}")
+    return Item(ctx, tuple(endings), label, where)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    ctx: tuple[int, ...]
+    endings: tuple[tuple[int, ...], ...]  # " " + ending, tokenized
+    block_size: int
+
+    def row(self, i: int) -> tuple[tuple[int, ...], int]:
+        """Candidate i as one sequence, and the index of its first ending token. A row longer than
+        the model's context keeps its ending and the end of the context."""
+        end = self.endings[i]
+        keep = self.ctx[max(0, len(self.ctx) + len(end) - self.block_size) :]
+        return keep + end, len(keep)
+
+    @property
+    def longest(self) -> int:
+        return len(self.ctx) + max(len(e) for e in self.endings)
+
+    @property
+    def fits(self) -> bool:
+        return self.longest <= self.block_size
+
+
+def _encode(item: Item, tokenizer, block_size: int) -> _Encoded:
+    ctx = tuple(tokenizer.encode(item.ctx))
+    # GPT-2's BPE attaches the space to the following word: " " + ending, as the reference scripts do.
+    endings = tuple(tuple(tokenizer.encode(" " + ending)) for ending in item.endings)
+    for i, end in enumerate(endings):
+        if len(end) >= block_size:
+            raise GPT2LabError(
+                f"{item.where or 'HellaSwag item'}: ending {i} is {len(end)} tokens, which does not fit the "
+                f"model's context of {block_size} with any context before it"
+            )
+    return _Encoded(ctx, endings, block_size)
+
+
+Scores = tuple[list[float], list[float]]  # summed and mean ending losses of the 4 candidates
+
+
+def _sums_and_means(sums: torch.Tensor, counts: torch.Tensor) -> list[Scores]:
+    """(R,) summed losses and ending-token counts of R = 4 x items rows -> per item (sums, means)."""
+    return list(zip(sums.view(-1, NUM_ENDINGS).tolist(), (sums / counts).view(-1, NUM_ENDINGS).tolist()))
+
+
+def _score_batch(
+    gpt: nn.Module, batch: Sequence[_Encoded], device: torch.device, autocast_dtype: torch.dtype | None
+) -> list[Scores]:
+    """Several items in one forward pass: each candidate is a full row (context + ending), padded."""
+    encoded = [e.row(i) for e in batch for i in range(NUM_ENDINGS)]
+    rows = [torch.tensor(r, dtype=torch.long) for r, _ in encoded]
+    lengths = torch.tensor([len(r) for r, _ in encoded])  # (R,)
+    starts = torch.tensor([s for _, s in encoded])  # (R,)
+    idx = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, T), right-padded with 0
+    pos = torch.arange(idx.size(1))  # (T,)
+    # Position p predicts token p + 1: the ending tokens [start, length) are predicted at [start - 1, length - 1).
+    scored = (pos >= (starts - 1).unsqueeze(1)) & (pos < (lengths - 1).unsqueeze(1))  # (R, T)
+    r, c = scored.nonzero(as_tuple=True)  # (N,) each, row-major
+    targets = idx[r, c + 1]  # (N,)
+    idx, r, c, targets = (t.to(device) for t in (idx, r, c, targets))
+    with autocast(device, autocast_dtype):
+        logits = logits_at(gpt, idx, r, c)  # (N, V)
+    losses = token_losses(logits, targets).double()  # (N,)
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, r, losses)  # (R,)
+    return _sums_and_means(sums, (lengths - starts).to(device=device, dtype=torch.float64))
+
+
+def _score_shared_context(
+    gpt: nn.Module, item: _Encoded, device: torch.device, autocast_dtype: torch.dtype | None
+) -> Scores:
+    """One item with its context computed once: the context goes into a KV cache, then the four
+    endings run on top of it as a batch of 4 rows. The context is most of an item's tokens, so this
+    is about half the arithmetic of four full rows."""
+    ctx = torch.tensor([item.ctx], device=device)  # (1, Tc)
+    lengths = torch.tensor([len(e) for e in item.endings])  # (4,)
+    ends = nn.utils.rnn.pad_sequence([torch.tensor(e) for e in item.endings], batch_first=True)  # (4, Te)
+    ends = ends.to(device)
+    tc, te = ctx.size(1), ends.size(1)
+    dtype = next(gpt.parameters()).dtype if autocast_dtype is None else autocast_dtype
+    # Ending position p predicts ending token p + 1; the context's last position predicts token 0.
+    r, c = (torch.arange(te).unsqueeze(0) < (lengths - 1).unsqueeze(1)).nonzero(as_tuple=True)  # (N,) each
+    r, c = r.to(device), c.to(device)
+    with autocast(device, autocast_dtype):
+        prefix = KVCache(gpt.config, 1, tc, device=device, dtype=dtype)
+        last_pos = torch.tensor([tc - 1], device=device)
+        last = logits_at(gpt, ctx, torch.zeros_like(last_pos), last_pos, cache=prefix)  # (1, V)
+        cache = KVCache(gpt.config, NUM_ENDINGS, tc + te, device=device, dtype=dtype)
+        cache.k[:, :, :, :tc] = prefix.k  # (n_layer, 1 -> 4, nh, Tc, hs): the endings share the context
+        cache.v[:, :, :, :tc] = prefix.v
+        cache.pos = tc
+        logits = logits_at(gpt, ends, r, c, cache=cache) if r.numel() else None  # (N, V)
+    sums = token_losses(last.expand(NUM_ENDINGS, -1), ends[:, 0]).double()  # (4,) first ending tokens
+    if logits is not None:
+        sums = sums.index_add(0, r, token_losses(logits, ends[r, c + 1]).double())
+    return _sums_and_means(sums, lengths.to(device=device, dtype=torch.float64))[0]
+
+
+def score_items(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[Item],
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    share_context: bool | None = None,
+) -> list[ItemScore]:
+    """Per-candidate losses of every item, in the order given (this process only, no sharding).
+
+    Two ways to run the model, with the same scores up to float rounding:
+    share_context=False: `batch_size` items per forward pass, 4 full rows each (the default on GPUs,
+    where wide batches are what makes a forward pass efficient);
+    share_context=True: one item at a time, its context once and the 4 endings from a KV cache (the
+    default on CPUs, which are bound by arithmetic, and this is about half of it). Items whose rows
+    would exceed the model's context are always scored as full rows.
+    """
+    if batch_size < 1:
+        raise GPT2LabError(f"batch size must be at least 1, got {batch_size}")
+    gpt = unwrap(model)
+    check_vocab(gpt, tokenizer)
+    device = torch.device(device) if device is not None else gpt.device
+    if share_context is None:
+        share_context = device.type == "cpu"
+    encoded = [_encode(item, tokenizer, gpt.config.block_size) for item in items]
+    shared = [i for i, e in enumerate(encoded) if share_context and e.fits]
+    batched = sorted(set(range(len(items))) - set(shared), key=lambda i: -encoded[i].longest)
+    scores: list[ItemScore | None] = [None] * len(items)
+    from tqdm.auto import tqdm
+
+    with (
+        evaluating(gpt),
+        tqdm(total=len(items), desc="hellaswag", unit="item", disable=not progress, leave=False) as bar,
+    ):
+        for i in shared:
+            sums, means = _score_shared_context(gpt, encoded[i], device, autocast_dtype)
+            scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
+            bar.update(1)
+        for start in range(0, len(batched), batch_size):
+            chunk = batched[start : start + batch_size]
+            for i, (sums, means) in zip(chunk, _score_batch(gpt, [encoded[i] for i in chunk], device, autocast_dtype)):
+                scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
+            bar.update(len(chunk))
+    return scores  # type: ignore[return-value]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[Item],
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> HellaSwagResult:
+    """HellaSwag accuracy of `model` on the first `limit` items (all when None).
+
+    Callable from a training loop on every rank: rank r scores items r, r + world_size, ... and the
+    counts are all-reduced, so every rank returns the same result, whatever the world size. The
+    model's train/eval mode is restored afterwards. `progress` shows a bar on rank 0.
+    """
+    if limit is not None and limit < 1:
+        raise GPT2LabError(f"limit must be at least 1, got {limit}")
+    chosen = list(items[:limit]) if limit is not None else list(items)
+    mine = chosen[rank::world_size]
+    scores = score_items(model, tokenizer, mine, batch_size, device, autocast_dtype, progress and rank == 0)
+    counts = torch.tensor(
+        [len(scores), sum(s.pred == s.label for s in scores), sum(s.pred_norm == s.label for s in scores)],
+        dtype=torch.float64,
+    )
+    total, correct, correct_norm = (int(v) for v in all_reduce_sum(counts, world_size).tolist())
+    return HellaSwagResult(total, correct, correct_norm)
