@@ -217,13 +217,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert len(train_losses(run)) == step
 
 
-def test_checkpoint_is_a_model_for_sample_and_convert(corpus, tmp_path, cli):
+def test_checkpoint_is_a_model_for_sample_eval_and_convert(corpus, tmp_path, cli):
     run = tmp_path / "run"
     train(tiny_config(corpus, run, train={"max_steps": 2}), progress=False)
     latest = ckpt.find_latest(run)
     result = cli("sample", "--model", latest, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--device", "cpu")
     assert result.code == 0 and result.out.startswith("ROMEO:")
     assert cli("sample", "--model", run, "--max-new-tokens", "3", "--device", "cpu").code == 0  # the run dir too
+    args = ["--task", "val-loss", "--data", corpus, "--seq-len", "16", "--max-tokens", "256", "--no-progress"]
+    result = cli("eval", "--model", run, *args, "--json", tmp_path / "eval.json")
+    assert result.code == 0, result.err
+    measured = json.loads((tmp_path / "eval.json").read_text())["results"]["loss"]
+    final_val = ckpt.read_meta(latest)["training"]["val_loss"]  # what the run measured at its last step
+    assert measured == pytest.approx(final_val, abs=1e-6)
     result = cli("convert", "--to-hf", latest, "--out", tmp_path / "hf")
     assert result.code == 0, result.err
     from transformers import GPT2LMHeadModel
@@ -292,6 +298,24 @@ def test_eval_hook_metrics_and_plot(corpus, tmp_path, cli):
     result = cli("plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "cmp.png", "--x", "tokens")
     assert result.code == 0 and (tmp_path / "cmp.png").stat().st_size > 1000
     assert cli("plot", tmp_path / "nothing").code == 1
+
+
+def test_hellaswag_during_training_and_its_reference_lines(corpus, tmp_path, offline_env, cli):
+    from eval_data import write_items
+
+    from gpt2lab.eval.hellaswag import CACHE_NAME
+
+    (offline_env / "gpt2lab").mkdir(parents=True, exist_ok=True)
+    write_items(offline_env / "gpt2lab" / CACHE_NAME)  # stands in for the downloaded validation set
+    run = tmp_path / "run"
+    sections = dict(model={"block_size": 96}, train={"max_steps": 4}, eval={"every": 2, "tasks": ["hellaswag"]})
+    train(tiny_config(corpus, run, **sections), progress=False)  # block_size 96: room for the items
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0.0 <= r["hellaswag_acc_norm"] <= 1.0 and r["hellaswag_items"] > 0 for r in evals)
+    assert cli("plot", run).code == 0 and (run / "loss.png").is_file()
+    with pytest.raises(GPT2LabError, match="eval.tasks: unknown task 'mmlu'"):
+        train(tiny_config(corpus, tmp_path / "x", eval={"tasks": ["mmlu"]}), progress=False)
 
 
 def test_ddp_on_two_processes_equals_gradient_accumulation(corpus, tmp_path):

@@ -243,19 +243,15 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, x: 
 
 def _fineweb_edu(run_dir: Path) -> bool:
     """Whether a run trained on FineWeb-Edu (its config's data directory was made from it)."""
-    try:
-        import sys
+    from .config import load_toml
 
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
-        data_dir = Path(tomllib.loads((run_dir / "config.toml").read_text())["data"]["dir"])
+    try:
+        data_dir = Path(load_toml(run_dir / "config.toml")["data"]["dir"])
         manifest = data_dir / "manifest.json"
         if manifest.is_file():
             return "fineweb-edu" in json.dumps(json.loads(manifest.read_text()).get("source")).lower()
         return any(data_dir.glob("edu_fineweb_val_*.bin"))  # llm.c's shards
-    except (OSError, ValueError, KeyError):
+    except (GPT2LabError, OSError, ValueError, KeyError):
         return False
 
 
