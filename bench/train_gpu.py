@@ -135,6 +135,7 @@ def curve(args: argparse.Namespace) -> None:
         "eval.every=100",
         "eval.val_tokens=8192",
         "checkpoint.every=100",
+        "eval.tasks=[]",  # HellaSwag would need a download
     ]
     if args.tiny:
         sets += ["model.preset=gpt-nano", "train.batch_size=4", "train.seq_len=64", "train.total_batch_tokens=256"]

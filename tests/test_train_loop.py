@@ -318,6 +318,18 @@ def test_hellaswag_during_training_and_its_reference_lines(corpus, tmp_path, off
         train(tiny_config(corpus, tmp_path / "x", eval={"tasks": ["mmlu"]}), progress=False)
 
 
+def test_tensorboard_logs_or_a_clear_error(corpus, tmp_path):
+    import importlib.util
+
+    cfg = tiny_config(corpus, tmp_path / "run", train={"max_steps": 2, "tensorboard": True})
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(GPT2LabError, match="pip install tensorboard"):
+            train(cfg, progress=False)
+    else:
+        train(cfg, progress=False)
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
 def test_ddp_on_two_processes_equals_gradient_accumulation(corpus, tmp_path):
     # 2 ranks x 1 micro-batch of 4 sequences vs 1 rank x 2 micro-steps: the same 8 sequences per step.
     sections = dict(train={"max_steps": 5}, eval={"every": 5})

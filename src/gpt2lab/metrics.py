@@ -86,9 +86,6 @@ class MetricsWriter:
     """Appends records to RUN/metrics.jsonl (and optionally TensorBoard). Only rank 0 makes one."""
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = False) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (lives with the writer)
         self._tb = None
         if tensorboard:
             try:
@@ -96,6 +93,9 @@ class MetricsWriter:
             except ImportError:
                 raise GPT2LabError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (lives with the writer)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
