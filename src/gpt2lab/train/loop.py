@@ -398,7 +398,9 @@ class Trainer:
                 ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
             except GPT2LabError as e:
                 error = str(e)
-        error = D.broadcast_from_main(error, self.env)
+            except OSError as e:  # syncing metrics.jsonl or removing an old checkpoint
+                error = f"checkpoint bookkeeping in {self.run_dir} failed ({e}); newest checkpoint: {self.last_ckpt}"
+        error = D.broadcast_from_main(error, self.env)  # the other ranks stop too instead of waiting
         if error:
             raise GPT2LabError(error)
 
