@@ -23,7 +23,7 @@ from .errors import GPT2LabError
 from .fileio import atomic_write_text
 
 CONFIG_NAME = "shakespeare-cpu.toml"
-PROMPTS = {"tinyshakespeare": ["ROMEO:", "JULIET:\nO"], "pydoc-topics": ["The ", "A class"]}
+PROMPTS = {"tinyshakespeare": ["ROMEO:", "JULIET:\nO"], "pydoc-topics": ["The with statement", "A class"]}
 
 
 def find_config() -> Path:
@@ -136,8 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     print(
         "\nwhat to try next:\n"
         f"  .venv/bin/gpt2lab sample --model {out} --prompt {json.dumps(prompt)} --num-samples 3\n"
-        f"  .venv/bin/gpt2lab train configs/{CONFIG_NAME} --set train.max_steps=3000 --out runs/longer\n"
-        "  .venv/bin/gpt2lab train configs/finetune-gpt2-shakespeare.toml   # fine-tune OpenAI's GPT-2 (124M)\n"
+        f"  .venv/bin/gpt2lab train configs/{CONFIG_NAME} --data {data_dir} --max-steps 3000 --out runs/longer\n"
+        f"  .venv/bin/gpt2lab train configs/finetune-gpt2-shakespeare.toml --data {data_dir}"
+        "   # fine-tune OpenAI's GPT-2 (124M): downloads it once, best on a GPU\n"
         "  torchrun --standalone --nproc_per_node=8 -m gpt2lab train configs/gpt2-124M-fineweb-edu.toml"
         "   # the 124M recipe, on GPUs\n"
         "  README.md, section Training, says more"
