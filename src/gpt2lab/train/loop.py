@@ -38,7 +38,7 @@ from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_me
 from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
 from ..tokenizer import Tokenizer, get_tokenizer
 from . import distributed as D
-from .build import fresh_model, model_from_checkpoint, pretrained_model
+from .build import check_same_tokenizer, fresh_model, model_from_checkpoint, pretrained_model
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
 from .optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state_tensors, set_lr
 from .signals import StopRequest
@@ -121,9 +121,10 @@ class Trainer:
         state: dict[str, Any] = {}
         if source is not None:
             meta, weights, opt_tensors, state = ckpt.load_training_checkpoint(source)
+            check_same_tokenizer(meta.get("tokenizer"), self.tokenizer, f"checkpoint {source}")
             model = model_from_checkpoint(GPTConfig.from_dict(meta["model"]), weights)
         elif t.init_from:
-            model = pretrained_model(cfg, self.tokenizer.n_vocab)
+            model = pretrained_model(cfg, self.tokenizer)
         else:
             model = fresh_model(cfg, self.tokenizer.n_vocab)
         if model.config.vocab_size != self.tokenizer.n_vocab:
