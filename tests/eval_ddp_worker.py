@@ -15,13 +15,14 @@ from pathlib import Path
 
 from gpt2lab.checkpoint import load_model_and_tokenizer
 from gpt2lab.cli import main as cli_main
+from gpt2lab.distributed import setup
 from gpt2lab.eval import perplexity, val_loss
-from gpt2lab.eval.common import init_distributed
 from gpt2lab.fileio import atomic_write_json
 
 
 def run(spec: dict) -> int:
-    info, device = init_distributed("cpu")
+    info = setup("cpu")
+    device = info.device
     model, tok = load_model_and_tokenizer(spec["model"], device=device)
     out = Path(spec["out"])
     ppl = perplexity.evaluate(

@@ -23,8 +23,11 @@ def custom(tmp_path_factory, shakespeare_path):
     tok = save_trained(train_bpe(text[:200_000].split("\n\n"), 600, progress=False), root / "tok")
     corpus = root / "corpus.txt"
     corpus.write_text(text[:60_000])
-    prepare(PrepareOptions(source=str(corpus), out=root / "data", val_tokens=2048, workers=1, progress=False,
-                           tokenizer=str(tok.path)))
+    prepare(
+        PrepareOptions(
+            source=str(corpus), out=root / "data", val_tokens=2048, workers=1, progress=False, tokenizer=str(tok.path)
+        )
+    )
     return tok, root / "data"
 
 
@@ -43,12 +46,26 @@ def test_custom_tokenizer_end_to_end(custom, tmp_path, cli):
     assert model.transformer.wte.weight.shape[0] == 640
     assert loaded_tok.vocab_hash == tok.vocab_hash
 
-    sampled = cli("sample", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "0",
-                  "--device", "cpu")
+    sampled = cli(
+        "sample", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "0", "--device", "cpu"
+    )
     assert sampled.code == 0, sampled.err
     assert sampled.out.startswith("ROMEO:")
-    evaluated = cli("eval", "--model", run, "--task", "val-loss", "--data", data, "--max-tokens", "512",
-                    "--seq-len", "16", "--device", "cpu")
+    evaluated = cli(
+        "eval",
+        "--model",
+        run,
+        "--task",
+        "val-loss",
+        "--data",
+        data,
+        "--max-tokens",
+        "512",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+    )
     assert evaluated.code == 0, evaluated.err
 
     exported = cli("convert", "--to-hf", run, "--out", tmp_path / "hf")

@@ -82,11 +82,12 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from .. import distributed
     from ..checkpoint import load_model_and_tokenizer
-    from ..eval.common import close_distributed, init_distributed
     from ..runtime import resolve_dtype
 
-    dist, device = init_distributed(args.device)
+    dist = distributed.setup(args.device)
+    device = dist.device
     try:
         model, tok = load_model_and_tokenizer(
             args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 atomic_write_json(args.json, report)
     finally:
-        close_distributed()
+        distributed.teardown()
     return 0
 
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(to_toml(cfg))
         return 0
-    from ..train import distributed
+    from .. import distributed
     from ..train.loop import train
 
     try:

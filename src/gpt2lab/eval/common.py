@@ -10,17 +10,13 @@ therefore does not depend on the number of ranks (nor on the batch size, which o
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import GPT2LabError
 from ..model import KVCache
-from ..runtime import resolve_device
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -91,67 +87,3 @@ def logits_at(
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each row of `logits` (N, V) against `targets` (N,), in float32: (N,)."""
     return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-
-
-# ----------------------------------------------------------------------------- torchrun
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place among the ranks; rank 0 prints and writes files."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | torch.device = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE) and pick this rank's
-    device; a plain `python` run is rank 0 of 1 and starts nothing.
-
-    Backend: nccl for CUDA (each rank on cuda:LOCAL_RANK), gloo otherwise (CPU tests, laptops).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    if world_size <= 1:
-        return DistInfo(), dev
-    try:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    except (KeyError, ValueError):
-        raise GPT2LabError("WORLD_SIZE is set but RANK is not: launch multi-process runs with torchrun") from None
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank), dev
-
-
-def close_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Element-wise sum of `values` over the ranks (returned on values' device); identity for one rank."""
-    if world_size <= 1:
-        return values
-    buf = values.to(_collective_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(values.device)
-
-
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        dist.barrier()

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..distributed import all_reduce_sum, barrier
 from ..download import cached_download
 from ..errors import GPT2LabError
 from ..model import KVCache
-from .common import all_reduce_sum, autocast, barrier, check_vocab, evaluating, logits_at, token_losses, unwrap
+from .common import autocast, check_vocab, evaluating, logits_at, token_losses, unwrap
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_NAME = "hellaswag_val.jsonl"
@@ -119,7 +120,7 @@ def validation_file(data: str | os.PathLike | None = None, rank: int = 0, world_
         return path
     if rank == 0:
         path = cached_download(HELLASWAG_URL, CACHE_NAME)
-    barrier(world_size)
+    barrier()
     if rank != 0:
         path = cached_download(HELLASWAG_URL, CACHE_NAME)  # in the cache now: no download
     return path
@@ -358,5 +359,5 @@ def evaluate(
         [len(scores), sum(s.pred == s.label for s in scores), sum(s.pred_norm == s.label for s in scores)],
         dtype=torch.float64,
     )
-    total, correct, correct_norm = (int(v) for v in all_reduce_sum(counts, world_size).tolist())
+    total, correct, correct_norm = (int(v) for v in all_reduce_sum(counts).tolist())
     return HellaSwagResult(total, correct, correct_norm)

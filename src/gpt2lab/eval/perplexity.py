@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
-from .common import all_reduce_sum, autocast, evaluating, logits_at, token_losses, unwrap
+from .common import autocast, evaluating, logits_at, token_losses, unwrap
 
 # Corpora known by name: WikiText-2's test split as Hugging Face's guide reads it.
 NAMED_CORPORA: dict[str, dict[str, str]] = {
@@ -178,7 +179,7 @@ def evaluate(
             sums = torch.zeros(len(ws), dtype=torch.float64, device=device).index_add_(0, rows, losses)
             per_window[torch.tensor(batch, device=device)] = sums
             bar.update(len(batch))
-    per_window = all_reduce_sum(per_window, world_size)
+    per_window = all_reduce_sum(per_window)
     nll = float(per_window.cpu().sum())  # in window order on every rank
     scored = sum(w.end - w.first for w in windows)
     return PerplexityResult(nll, scored, int(seq.numel()), len(windows), context, stride, n_bytes)

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
-from .common import all_reduce_sum, autocast, evaluating, unwrap
+from .common import autocast, evaluating, unwrap
 
 # build-nanogpt's validation budget: val_loss_steps 20 x B 64 x T 1024 on 8 ranks.
 DEFAULT_MAX_TOKENS = 20 * 64 * 1024 * 8
@@ -110,7 +111,7 @@ def val_loss(
             )
             per_window[torch.tensor(batch, device=device)] = sums.double()
             bar.update(len(batch))
-    per_window = all_reduce_sum(per_window, world_size)
+    per_window = all_reduce_sum(per_window)
     n_tokens = n_windows * seq_len
     loss = float(per_window.cpu().sum()) / n_tokens  # summed in window order on every rank
     return {

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import checkpoint as ckpt
+from .. import distributed as D
 from ..config import GPTConfig, TrainConfig, to_toml
 from ..data import ShardLoader, data_tokenizer
 from ..data.shards import MANIFEST_NAME
@@ -37,7 +38,6 @@ from ..fileio import atomic_write_text
 from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
 from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
 from ..tokenizer import Tokenizer, get_tokenizer
-from . import distributed as D
 from .build import check_same_tokenizer, fresh_model, model_from_checkpoint, pretrained_model
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
 from .optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state_tensors, set_lr

@@ -1,4 +1,5 @@
-"""Running under `torchrun`: process group set-up, the rank's device, and the few collectives the loop needs.
+"""Running under `torchrun`: process group set-up, the rank's device, and the few collectives that
+training and evaluation need.
 
 torchrun (torch.distributed.run) starts one process per device and tells each its place through the
 environment: RANK (global), LOCAL_RANK (on this node), WORLD_SIZE. Without those variables the run is
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import GPT2LabError
-from ..runtime import resolve_device
+from .errors import GPT2LabError
+from .runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     else:
         backend = "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if backend == "nccl":
+    if dist.is_initialized():  # joined already (a library caller, then the CLI in the same process)
+        pass
+    elif backend == "nccl":
         dist.init_process_group(backend=backend, timeout=timeout, device_id=chosen)
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
@@ -81,9 +84,16 @@ def teardown() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (no-op in a single process) and return it."""
+    """Sum `tensor` over ranks in place (no-op in a single process) and return it.
+
+    NCCL reduces CUDA tensors only: a CPU tensor makes a round trip through this rank's GPU."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not tensor.is_cuda:
+            buf = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            tensor.copy_(buf)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -105,6 +115,7 @@ def broadcast_from_main(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
