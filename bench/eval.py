@@ -70,8 +70,9 @@ def build(device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     cfg = config_from_hf(hf.config.to_dict())
-    ours = GPT.from_state_dict(cfg, state_dict_from_hf(hf.state_dict(), cfg)).eval()
-    return hf.to(device), ours.to(device)
+    ours = GPT.from_state_dict(cfg, state_dict_from_hf(hf.state_dict(), cfg)).eval().to(device)
+    ours.pack_for_cpu_inference(64)  # as `gpt2lab eval` does on CPU
+    return hf.to(device), ours
 
 
 def naive_predictions(hf, tok, records: list[dict], device: torch.device) -> list[tuple[int, int]]:

@@ -106,20 +106,40 @@ def test_forward_rejects_sequences_longer_than_context():
         model(torch.zeros(1, 5, dtype=torch.long))
 
 
-def test_row_vector_layout_keeps_values_and_train_restores_it():
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_packed_cpu_weights_give_the_same_outputs(dtype, atol):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)).eval().to(dtype)
+    idx = torch.randint(0, 100, (3, 16))
+    with torch.no_grad():
+        plain, _ = model(idx)
+    assert model.pack_for_cpu_inference(3)
+    assert model.lm_head.packed is not None
+    with torch.no_grad():
+        packed, _ = model(idx)
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=0, atol=atol)
+    # With autograd on, the parameters themselves are used (gradients flow as usual).
+    logits, _ = model(idx)
+    assert logits.requires_grad
+
+
+def test_packed_weights_never_go_stale_and_train_drops_them():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40)).eval()
     idx = torch.randint(0, 40, (1, 8))
-    before, _ = model(idx)
-    params = list(model.parameters())
-    model.set_row_vector_layout(True)
-    assert not model.lm_head.weight.is_contiguous()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    after, _ = model(idx)
-    torch.testing.assert_close(before, after, rtol=0, atol=1e-5)
+    model.pack_for_cpu_inference(1)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an optimizer step would do the same
+        changed, _ = model(idx)
+        model.pack_for_cpu_inference(None)
+        expected, _ = model(idx)
+    torch.testing.assert_close(changed, expected, rtol=0, atol=0)
+    model.pack_for_cpu_inference(1)
+    assert model.transformer.h[0].mlp.c_fc.packed is not None
     model.train()
-    assert all(p.is_contiguous() for p in model.parameters())
-    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    model.eval()
+    assert not model.to(torch.float16).pack_for_cpu_inference(1)  # not packed: plain kernels
 
 
 @pytest.mark.parametrize(

@@ -103,11 +103,8 @@ def generate_tokens(
     All samples share the prompt and are decoded as one batch. Stopping (at `<|endoftext|>` or
     otherwise) is the caller's choice: break out of the loop.
     """
-    # One sequence on CPU: decoding is a row vector times each weight, which is faster with the
-    # weights stored the other way round (see GPT.set_row_vector_layout).
-    model.set_row_vector_layout(
-        use_cache and num_samples == 1 and model.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
-    )
+    # On CPU, decoding reads every weight for each token: use oneDNN-packed weights (see Linear).
+    model.pack_for_cpu_inference(num_samples)
     yield from _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache, stats)
 
 
