@@ -145,9 +145,9 @@ def load_checkpoint_model(
         config = GPTConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise GPT2LabError(f"{folder / META_FILE}: bad model description ({e})") from None
-    from .hf import _load_safetensors
+    from .hf import load_safetensors
 
-    sd = _load_safetensors(folder / WEIGHTS_FILE)
+    sd = load_safetensors(folder / WEIGHTS_FILE)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
     for k, shape in expected.items():
@@ -297,14 +297,14 @@ def load_training_checkpoint(
             f"{folder} is not a complete training checkpoint ({META_FILE}, {OPTIMIZER_FILE}, {TRAINER_FILE}); "
             "to start from its weights with a fresh optimizer use --init-from instead"
         )
-    from .hf import _load_safetensors
+    from .hf import load_safetensors
 
     meta = read_meta(folder)
     try:
         trainer_state = json.loads((folder / TRAINER_FILE).read_text())
     except (OSError, ValueError) as e:
         raise GPT2LabError(f"cannot read {folder / TRAINER_FILE}: {e}") from None
-    return meta, _load_safetensors(folder / WEIGHTS_FILE), _load_safetensors(folder / OPTIMIZER_FILE), trainer_state
+    return meta, load_safetensors(folder / WEIGHTS_FILE), load_safetensors(folder / OPTIMIZER_FILE), trainer_state
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:

@@ -20,7 +20,7 @@ def cached_download(url: str, name: str, sha256: str | None = None, timeout: flo
     given), so an interrupted download never leaves a partial file under the final name.
     """
     path = cache_dir() / name
-    if path.is_file() and (sha256 is None or _sha256(path) == sha256):
+    if path.is_file() and (sha256 is None or file_sha256(path) == sha256):
         return path
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -48,13 +48,10 @@ def cached_download(url: str, name: str, sha256: str | None = None, timeout: flo
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return _sha256(Path(path))

@@ -177,7 +177,7 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------- files
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -219,11 +219,11 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict stored in a Hugging Face model directory (or a single weights file)."""
     path = Path(path)
     if path.is_file():
-        return _load_bin(path) if path.suffix in (".bin", ".pt", ".pth") else _load_safetensors(path)
+        return _load_bin(path) if path.suffix in (".bin", ".pt", ".pth") else load_safetensors(path)
     if (path / "model.safetensors").is_file():
-        return _load_safetensors(path / "model.safetensors")
+        return load_safetensors(path / "model.safetensors")
     if (path / SAFE_INDEX).is_file():
-        return _load_sharded(path, SAFE_INDEX, _load_safetensors)
+        return _load_sharded(path, SAFE_INDEX, load_safetensors)
     if (path / "pytorch_model.bin").is_file():
         return _load_bin(path / "pytorch_model.bin")
     if (path / BIN_INDEX).is_file():
