@@ -243,7 +243,7 @@ class GPT(nn.Module):
         return True
 
     def train(self, mode: bool = True) -> GPT:
-        if mode:
+        if mode and self._packed_batch is not None:
             self.pack_for_cpu_inference(None)
         return super().train(mode)
 
