@@ -35,9 +35,13 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The CPU benchmarks behind docs/performance.md (about 10 minutes); bench/gpu.sh is for a GPU machine.
 bench: setup
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/train_cpu.py
+	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/tokenizer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
