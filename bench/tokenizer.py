@@ -70,20 +70,10 @@ def cjk_corpus(max_bytes: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 def bare_tokenizers_train(texts: list[str], vocab_size: int, pattern: str):
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
+    """The peer: the same `tokenizers` trainer and settings, without gpt2lab's checks and conversion."""
+    from gpt2lab.tokenizer_train import bpe_trainer
 
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
+    hf, trainer = bpe_trainer(vocab_size - 1, pattern, progress=False)
     hf.train_from_iterator(texts, trainer=trainer)
     return hf
 

@@ -65,33 +65,40 @@ def limit_chars(texts: Iterable[str], max_chars: int | None, counter: Counter) -
             return
 
 
-def train_bpe(
-    texts: Iterable[str], vocab_size: int, pattern: str = "gpt2", max_chars: int | None = None, progress: bool = True
-) -> TrainedBPE:
-    """Learn a byte-level BPE of `vocab_size` tokens in all: 256 bytes, merges, and <|endoftext|> last."""
+def bpe_trainer(merge_vocab: int, pattern: str, progress: bool = True):
+    """A `tokenizers` BPE tokenizer and trainer with GPT-2's byte-level rules, learning `merge_vocab`
+    tokens (the 256 bytes included): text is split exactly as tiktoken will split it (`pattern`), then
+    its bytes are mapped to GPT-2's printable alphabet."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
-    if vocab_size < MIN_VOCAB:
-        raise GPT2LabError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + <|endoftext|>), got {vocab_size}")
-    if pattern not in PATTERNS:
-        raise GPT2LabError(f"unknown --pattern {pattern!r}: use one of {', '.join(PATTERNS)}")
-    pat = PATTERNS[pattern]
     hf = HFTokenizer(models.BPE())
-    # Split exactly as tiktoken will (the regex), then map bytes to GPT-2's printable alphabet.
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(pat), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1,
+        vocab_size=merge_vocab,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
         show_progress=progress,
     )
+    return hf, trainer
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, pattern: str = "gpt2", max_chars: int | None = None, progress: bool = True
+) -> TrainedBPE:
+    """Learn a byte-level BPE of `vocab_size` tokens in all: 256 bytes, merges, and <|endoftext|> last."""
+    if vocab_size < MIN_VOCAB:
+        raise GPT2LabError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + <|endoftext|>), got {vocab_size}")
+    if pattern not in PATTERNS:
+        raise GPT2LabError(f"unknown --pattern {pattern!r}: use one of {', '.join(PATTERNS)}")
+    pat = PATTERNS[pattern]
+    hf, trainer = bpe_trainer(vocab_size - 1, pat, progress)
     counter: Counter = Counter()
     hf.train_from_iterator(limit_chars(texts, max_chars, counter), trainer=trainer)
     if counter["chars"] == 0:
