@@ -63,9 +63,15 @@ class Linear(nn.Linear):
     bandwidth, about 2.5x faster than MKL on nn.Linear's (out, in) matrix on a 2-core AVX-512 CPU
     (bench/generate.py); torch.compile's CPU "freezing" mode packs weights the same way. The pack is
     a copy: it is used only without autograd, while the weight is unchanged since it was packed.
+
+    The pack is CPU eager-mode state, invisible to torch.compile: compiled code never reads it, and
+    `unpack` deletes the instance attributes again instead of overwriting them with None, so a module
+    that was packed and unpacked has the same attribute dict as one never packed. Otherwise an
+    instance attribute would shadow the class default and fail dynamo's guards on the compiled
+    training graph, recompiling it after every evaluation that samples text.
     """
 
-    packed: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # class defaults; only a packed module has instance values
     _packed_for: tuple[int, int] = (-1, -1)  # (data_ptr, version) of the weight that was packed
 
     def pack(self, batch_size: int) -> None:
@@ -73,9 +79,12 @@ class Linear(nn.Linear):
         self._packed_for = (self.weight.data_ptr(), self.weight._version)
 
     def unpack(self) -> None:
-        self.packed, self._packed_for = None, (-1, -1)
+        for name in ("packed", "_packed_for"):
+            self.__dict__.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # not traced, so no guard on packing state (see above)
+            return F.linear(x, self.weight, self.bias)
         p = self.packed
         if (
             p is not None
@@ -215,7 +224,8 @@ class GPT(nn.Module):
         Linear), or drop the copies with None. Returns whether packed weights are in use.
 
         Costs one extra copy of the weights in memory while packed; `train()` drops them. Packing is
-        skipped where oneDNN is not available, for dtypes other than float32 / bfloat16, and off CPU.
+        skipped where oneDNN is not available, for dtypes other than float32 / bfloat16, and off CPU;
+        there, a model that was never packed is left untouched (a compiled training graph guards on it).
         """
         usable = (
             batch_size is not None
@@ -223,6 +233,8 @@ class GPT(nn.Module):
             and self.lm_head.weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()
         )
+        if not usable and self._packed_batch is None:
+            return False
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         if not usable:
             for m in linears:
