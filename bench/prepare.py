@@ -7,7 +7,7 @@ with fsync, manifest), best of --repeats runs each. Peak RSS is measured first, 
 prepare` child process on the same corpus (the largest of the process and its workers), while this
 process is still small: Linux counts the parent's memory at fork into a child's peak.
 
-    python bench/prepare.py                       # Tiny Shakespeare from ../shared/data or the cache
+    python bench/prepare.py                       # Tiny Shakespeare, as bundled with gpt2lab
     python bench/prepare.py --copies 64 --workers 1 2 4
 """
 
@@ -24,17 +24,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def shakespeare() -> Path:
-    if SHARED_SHAKESPEARE.is_file():
-        return SHARED_SHAKESPEARE
-    from gpt2lab.data.sources import PRESETS
-    from gpt2lab.download import cached_download
+    from gpt2lab.data.sources import PRESETS, bundled_text
 
-    preset = PRESETS["tinyshakespeare"]
-    return cached_download(preset.url, "tinyshakespeare.txt", sha256=preset.sha256)
+    return bundled_text(PRESETS["tinyshakespeare"])
 
 
 def best_of(repeats: int, fn) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,8 +14,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+# Tiny Shakespeare ships with the package (the tinyshakespeare preset reads it): the tests need nothing
+# beside the checkout.
+SHAKESPEARE_GZ = REPO / "src" / "gpt2lab" / "data" / "tinyshakespeare.txt.gz"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@functools.cache
+def shakespeare_text() -> str:
+    """The whole of Tiny Shakespeare (1,115,394 characters), checked against its published sha256."""
+    data = gzip.decompress(SHAKESPEARE_GZ.read_bytes())
+    assert hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256, f"{SHAKESPEARE_GZ} is damaged"
+    return data.decode("utf-8")
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +40,12 @@ def offline_env(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def shakespeare_path() -> Path:
-    assert SHAKESPEARE.is_file(), f"{SHAKESPEARE} is missing: the tests expect ../shared/data beside the repo"
-    return SHAKESPEARE
+def shakespeare_path(tmp_path_factory) -> Path:
+    """Tiny Shakespeare as a plain file named as the preset names it (shards: tinyshakespeare_*.bin)."""
+    path = tmp_path_factory.mktemp("shakespeare") / "tinyshakespeare.txt"
+    path.write_bytes(shakespeare_text().encode("utf-8"))
+    path.chmod(0o444)  # shared by the whole session: no test may change it
+    return path
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,15 +12,17 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, SHAKESPEARE_SHA256, shakespeare_text, subprocess_env
 
 from gpt2lab.data import outdir, read_manifest, shards
 from gpt2lab.data import prepare as prepare_module
 from gpt2lab.data.prepare import PrepareOptions, prepare
+from gpt2lab.data.sources import PRESETS, bundled_text
 from gpt2lab.data.text import DocumentPieces, safe_cut
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import get_tokenizer
@@ -167,19 +170,39 @@ def test_hugging_face_source_streams_with_datasets(tmp_path, tok):
         run(f"hf:{tmp_path / 'ds'}", tmp_path / "out3", hf_split="nosuchsplit")
 
 
-def test_tinyshakespeare_preset_uses_the_cache(tmp_path, tok, shakespeare_path, offline_env, cli):
-    cache = offline_env / "gpt2lab"
-    cache.mkdir(parents=True)
-    shutil.copy(shakespeare_path, cache / "tinyshakespeare.txt")  # already downloaded: no network needed
+def test_tinyshakespeare_preset_reads_the_bundled_copy_offline(tmp_path, offline_env, cli, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the tinyshakespeare preset must not use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     r = cli("prepare", "tinyshakespeare", "--out", tmp_path / "out", "--no-progress")
     assert r.code == 0, r.err
     m = read_manifest(tmp_path / "out")
     assert m["source"]["preset"] == "tinyshakespeare" and m["total_tokens"] == 338_026
-    assert m["source"]["sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert m["source"]["sha256"] == SHAKESPEARE_SHA256
+    assert m["source"]["url"] == PRESETS["tinyshakespeare"].url  # where the bundled text comes from
     assert m["shards"][0]["file"] == "tinyshakespeare_val_000000.bin"
+    cached = offline_env / "gpt2lab" / "tinyshakespeare.txt"
+    assert m["source"]["path"] == str(cached)
+    assert cached.read_text(encoding="utf-8") == shakespeare_text()
     # The recorded command is runnable and recognises the finished directory.
     r = cli(*shlex.split(m["command"])[1:])
     assert r.code == 0 and "already prepared" in r.out
+    # A damaged copy in the cache is replaced from the package, not used.
+    cached.write_text("not Shakespeare", encoding="utf-8")
+    assert bundled_text(PRESETS["tinyshakespeare"]) == cached
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
+
+
+def test_a_damaged_bundle_is_a_clear_error(offline_env):
+    wrong = dataclasses.replace(PRESETS["tinyshakespeare"], name="wrong-hash", sha256="0" * 64)
+    with pytest.raises(GPT2LabError, match=f"has sha256 {SHAKESPEARE_SHA256}, expected 0{{64}}: .* reinstall"):
+        bundled_text(wrong)
+    missing = dataclasses.replace(PRESETS["tinyshakespeare"], name="missing", bundled="missing.txt.gz")
+    with pytest.raises(GPT2LabError, match="cannot unpack the bundled missing text .*missing.txt.gz"):
+        bundled_text(missing)
+    cache = offline_env / "gpt2lab"
+    assert sorted(p.name for p in cache.iterdir()) == []  # no partial file under any name
 
 
 # --- determinism and resume -------------------------------------------------------------------------

@@ -3,13 +3,13 @@ samples, plot, and the closing directions."""
 
 from __future__ import annotations
 
-import shutil
+import urllib.request
 
 import pytest
 from train_utils import one_thread  # noqa: F401 (autouse fixture)
 
 from gpt2lab import demo
-from gpt2lab.errors import GPT2LabError
+from gpt2lab.data import read_manifest
 
 TRIM = [
     "--steps",
@@ -21,10 +21,11 @@ TRIM = [
 ]
 
 
-def test_demo_with_cached_tiny_shakespeare(tmp_path, offline_env, shakespeare_path, capsys):
-    cache = offline_env / "gpt2lab"
-    cache.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shakespeare_path, cache / "tinyshakespeare.txt")  # as a first download would leave it
+def test_demo_trains_on_the_bundled_tiny_shakespeare_offline(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the demo must not use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     out = tmp_path / "runs" / "demo"
     assert demo.main(["--out", str(out), "--data-root", str(tmp_path / "data"), *TRIM]) == 0
     text = capsys.readouterr().out
@@ -34,32 +35,29 @@ def test_demo_with_cached_tiny_shakespeare(tmp_path, offline_env, shakespeare_pa
     assert "gpt2lab sample --model" in text and "finetune-gpt2-shakespeare.toml" in text
     assert "gpt2-124M-fineweb-edu.toml" in text
     assert (out / "loss.png").is_file() and (out / "config.toml").is_file()
-    assert (tmp_path / "data" / "tinyshakespeare" / "manifest.json").is_file()
+    manifest = read_manifest(tmp_path / "data" / "tinyshakespeare")
+    assert manifest["source"]["preset"] == "tinyshakespeare" and manifest["total_tokens"] == 338_026
     # Running it again replaces the previous demo run instead of refusing it.
     assert demo.main(["--out", str(out), "--data-root", str(tmp_path / "data"), *TRIM]) == 0
     assert "replacing the previous demo run" in capsys.readouterr().out
 
 
-def test_demo_offline_falls_back_to_the_python_docs(tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise GPT2LabError("could not download (no network)")
+def test_demo_on_the_python_docs_when_asked(tmp_path, capsys):
+    from pydoc_data.topics import topics
 
-    monkeypatch.setattr("gpt2lab.download.cached_download", offline)
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--data-root", str(tmp_path / "data"), *TRIM]) == 0
+    assert demo.main(["--corpus", "pydoc", "--out", str(out), "--data-root", str(tmp_path / "data"), *TRIM]) == 0
     text = capsys.readouterr().out
-    assert "Tiny Shakespeare is not cached and cannot be downloaded" in text
     assert "corpus: the Python documentation" in text
-    assert (tmp_path / "data" / "pydoc-topics" / "manifest.json").is_file()
+    assert "The with statement" in text  # the pydoc prompts
+    manifest = read_manifest(tmp_path / "data" / "pydoc-topics")
+    assert manifest["documents"] == len(topics)
 
 
-def test_demo_refuses_unavailable_shakespeare_when_asked_for_it(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise GPT2LabError("no network")
-
-    monkeypatch.setattr("gpt2lab.download.cached_download", offline)
-    code = demo.main(["--corpus", "tinyshakespeare", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")])
-    assert code == 1
+def test_demo_refuses_an_unknown_corpus(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--corpus", "auto"])
+    assert e.value.code == 2 and "invalid choice: 'auto'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--help"])

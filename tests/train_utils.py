@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAKESPEARE
+from conftest import shakespeare_text
 
 from gpt2lab.config import TrainConfig
 
@@ -22,7 +22,7 @@ def tiny_corpus(root: Path, chars: int = 60_000, val_tokens: int = 2048) -> Path
     from gpt2lab.data.prepare import PrepareOptions, prepare
 
     text = root / f"shakespeare-{key}.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    text.write_text(shakespeare_text()[:chars], encoding="utf-8")
     out = root / f"data-{key}"
     prepare(PrepareOptions(source=str(text), out=out, val_tokens=val_tokens, workers=1, progress=False))
     _PREPARED[key] = out

@@ -3,7 +3,7 @@
     python -m gpt2lab.demo                  # what `make demo` runs
     python -m gpt2lab.demo --steps 50       # shorter
 
-Steps: pick a corpus (Tiny Shakespeare when it is cached or can be downloaded, else the Python
+Steps: pick a corpus (Tiny Shakespeare, which ships with gpt2lab, or with --corpus pydoc the Python
 documentation that ships with CPython, `pydoc_data.topics`), tokenize it into data/, train the
 `configs/shakespeare-cpu.toml` model into runs/demo with the progress bar, print samples, write the
 loss plot, and say where everything is and what to try next.
@@ -35,20 +35,11 @@ def find_config() -> Path:
 
 
 def choose_corpus(data_root: Path, corpus: str) -> tuple[str, str]:
-    """(corpus name, `prepare` source): Tiny Shakespeare if cached or downloadable, else pydoc topics."""
-    if corpus in ("auto", "tinyshakespeare"):
-        from .data.sources import PRESETS
-        from .download import cached_download
-
-        preset = PRESETS["tinyshakespeare"]
-        try:
-            assert preset.url is not None
-            cached_download(preset.url, f"{preset.name}.txt", sha256=preset.sha256, timeout=10)
-            return "tinyshakespeare", "tinyshakespeare"
-        except GPT2LabError as e:
-            if corpus == "tinyshakespeare":
-                raise
-            print(f"Tiny Shakespeare is not cached and cannot be downloaded ({e}).")
+    """(corpus name, `prepare` source): Tiny Shakespeare (bundled with gpt2lab), or the pydoc topics."""
+    if corpus == "tinyshakespeare":
+        return "tinyshakespeare", "tinyshakespeare"
+    if corpus != "pydoc":
+        raise GPT2LabError(f"unknown corpus {corpus!r}: use tinyshakespeare or pydoc")
     # Every CPython ships its documentation's topic pages (used by help()): about 0.5 MB of English.
     from pydoc_data.topics import topics
 
@@ -62,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
     ap.add_argument("--out", default="runs/demo", help="run directory, replaced if it exists (default: runs/demo)")
     ap.add_argument("--data-root", default="data", help="where the tokenized corpus goes (default: data)")
-    ap.add_argument("--corpus", choices=["auto", "tinyshakespeare", "pydoc"], default="auto")
+    ap.add_argument(
+        "--corpus",
+        choices=["tinyshakespeare", "pydoc"],
+        default="tinyshakespeare",
+        help="Tiny Shakespeare (bundled, the default) or the Python documentation (pydoc_data.topics)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

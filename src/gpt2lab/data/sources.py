@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import abc
 import glob
+import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..download import cached_download
 from ..errors import GPT2LabError
+from ..fileio import atomic_open
 from .text import DocumentPieces, Utf8Decoder
 
 Piece = tuple[str, bool, int]
@@ -39,13 +42,17 @@ HF_PREFIX = "hf:"
 
 @dataclass(frozen=True)
 class Preset:
-    """A named corpus: a public file downloaded once into the cache, or a Hugging Face dataset."""
+    """A named corpus: a public text shipped gzipped inside the package, or a Hugging Face dataset.
+
+    `url` and `sha256` say where a bundled text comes from and what it must decompress to.
+    """
 
     name: str
     shard_prefix: str
     description: str
     url: str | None = None
     sha256: str | None = None
+    bundled: str | None = None  # file name in the gpt2lab.data package
     hf_dataset: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
@@ -61,6 +68,7 @@ PRESETS = {
             "Tiny Shakespeare (karpathy/char-rnn), 1 MB, 338K GPT-2 tokens",
             url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            bundled="tinyshakespeare.txt.gz",
         ),
         # The corpus build-nanogpt and llm.c train GPT-2 (124M) on; llm.c names its shards edu_fineweb_*.
         Preset(
@@ -422,13 +430,12 @@ def resolve_source(
     """The `Source` named by SOURCE on the command line: a preset, `hf:NAME`, or a local path / glob.
 
     Options left as None take the preset's values (or the defaults: field "text", split "train").
-    Nothing is read or downloaded until `open()`, except that the tinyshakespeare preset downloads its
-    file into the cache here (once).
+    Nothing is read or downloaded until `open()`, except that a bundled preset (tinyshakespeare) is
+    decompressed into the cache here (once).
     """
     preset = PRESETS.get(spec)
     if preset is not None and preset.hf_dataset is None:
-        assert preset.url is not None
-        path = cached_download(preset.url, f"{preset.name}.txt", sha256=preset.sha256)
+        path = bundled_text(preset)
         source: Source = FileSource(
             str(path), preset.shard_prefix, piece_chars, text_field or preset.text_field, split_on
         )
@@ -452,6 +459,41 @@ def resolve_source(
         source = FileSource(spec, _prefix_from(spec), piece_chars, text_field or "text", split_on)
     source.preset = preset
     return source
+
+
+def bundled_text(preset: Preset) -> Path:
+    """A bundled preset's text as a plain file in the cache, decompressed from the package on first use.
+
+    The text is checked against the preset's sha256 every time (1 MB hashes in milliseconds), so a
+    damaged cache copy is replaced and a damaged package is an error, never a silently different
+    corpus. The copy is written to a temporary name and renamed, so concurrent first uses are safe.
+    """
+    # Imported here: runtime (cache_dir) imports torch, which reading plain files does not need.
+    from ..download import file_sha256
+    from ..runtime import cache_dir
+
+    assert preset.bundled is not None and preset.sha256 is not None
+    path = cache_dir() / f"{preset.name}.txt"
+    if path.is_file() and file_sha256(path) == preset.sha256:
+        return path
+    bundle = resources.files(__package__) / preset.bundled
+    h = hashlib.sha256()
+    try:
+        with resources.as_file(bundle) as gz_path, gzip.open(gz_path, "rb") as f, atomic_open(path, "wb") as out:
+            while chunk := f.read(READ_BYTES):
+                out.write(chunk)
+                h.update(chunk)
+            if h.hexdigest() != preset.sha256:
+                raise GPT2LabError(
+                    f"the bundled {preset.name} text ({bundle}) has sha256 {h.hexdigest()}, expected "
+                    f"{preset.sha256}: the installation is damaged; reinstall gpt2lab"
+                )
+    except (OSError, EOFError, zlib.error) as e:
+        raise GPT2LabError(
+            f"cannot unpack the bundled {preset.name} text ({bundle}) into {path}: {e}; reinstall gpt2lab, "
+            f"or download {preset.url} and pass its local path"
+        ) from None
+    return path
 
 
 def _prefix_from(spec: str) -> str:
