@@ -32,6 +32,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as D
 from ..config import GPTConfig, TrainConfig, to_toml
 from ..data import ShardLoader, data_tokenizer
+from ..data.prefetch import PrefetchLoader
 from ..data.shards import MANIFEST_NAME
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
@@ -104,17 +105,24 @@ class Trainer:
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
             torch.set_float32_matmul_precision("high")
         self.tokenizer = data_tokenizer_or_gpt2(cfg.data.dir)
-        self.loader = ShardLoader(
-            cfg.data.dir,
-            "train",
-            batch_size=t.batch_size,
-            seq_len=t.seq_len,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            seed=t.seed,
-            shuffle=cfg.data.shuffle,
-            tokenizer=self.tokenizer,
+        # A thread cuts the next batches while the device computes; pinned, they copy without blocking.
+        self.loader = PrefetchLoader(
+            ShardLoader(
+                cfg.data.dir,
+                "train",
+                batch_size=t.batch_size,
+                seq_len=t.seq_len,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                seed=t.seed,
+                shuffle=cfg.data.shuffle,
+                tokenizer=self.tokenizer,
+            ),
+            pin_memory=self.device.type == "cuda",
         )
+        # The stop flag goes into the loss all-reduce as one of these device scalars: a tensor made
+        # from a Python bool every step would be a blocking host-to-device copy.
+        self._flags = (torch.zeros((), device=self.device), torch.ones((), device=self.device))
 
         source = self._find_resume(resume)
         seed_everything(t.seed)  # the same initial weights on every rank
@@ -260,6 +268,7 @@ class Trainer:
                         self._print(f"{why}: stopped after step {self.step}, checkpoint {self.last_ckpt}")
                     break
         finally:
+            self.loader.close()
             self.stop.restore()
             if bar is not None:
                 bar.close()
@@ -297,11 +306,13 @@ class Trainer:
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
                 loss.backward()
             loss_sum += loss.detach().float()
-        packed = torch.stack([loss_sum, torch.tensor(float(self.stop.requested), device=self.device)])
+        packed = torch.stack([loss_sum, self._flags[self.stop.requested]])
         D.all_reduce_sum(packed)
-        loss_mean, stop = float(packed[0]) / self.env.world_size, bool(packed[1] > 0)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # The step's one read from the device: the update is skipped when the loss or the norm is not finite.
+        loss_sum_all, stop_votes, norm = torch.stack([packed[0], packed[1], norm_t.float()]).tolist()
+        loss_mean, stop = loss_sum_all / self.env.world_size, stop_votes > 0
         if math.isfinite(loss_mean) and math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
