@@ -118,27 +118,72 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
+CPU_BF16_ENV = "GPT2LAB_CPU_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), making bf16 autocast
-    about twice as fast as float32 for training matmuls; elsewhere it is slower."""
+    about twice as fast as float32 for training matmuls; elsewhere it is slower.
+
+    The environment variable GPT2LAB_CPU_BF16 overrides the probe: "0" answers no (to behave as on a
+    CPU without bf16 instructions, e.g. when testing under ATEN_CPU_CAPABILITY=avx2), "1" answers yes;
+    unset or empty, the CPU is asked.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise GPT2LabError(f"{CPU_BF16_ENV} must be 0 or 1 (or unset to ask the CPU), got {forced!r}")
+        return forced == "1"
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` (auto | bf16 | fp32) on `device`; None means plain float32.
+# bf16 tensor cores start with Ampere (compute capability 8.0); Volta (7.0) and Turing (7.5) have
+# fp16 tensor cores only and emulate bf16 slowly, which torch.cuda.is_bf16_supported() counts as
+# support by default. Below 7.0 there are no tensor cores, and most Pascal cards run fp16 at 1/64
+# of the float32 rate (NVIDIA Pascal tuning guide), so float32 is the fast choice there.
+BF16_MIN_CAPABILITY = (8, 0)
+FP16_MIN_CAPABILITY = (7, 0)
 
-    auto: bf16 on CUDA GPUs that support it, and on CPUs with bf16 instructions; fp32 elsewhere
-    (MPS, older GPUs, older CPUs). Weights, gradients and optimizer state stay float32 either way.
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` (auto | bf16 | fp16 | fp32) on `device`; None means plain float32.
+
+    auto: bf16 on CUDA GPUs of compute capability >= 8.0 (A100, H100, L4, RTX 30xx ...); float16 on
+    7.x (V100, T4, RTX 20xx), which needs a loss scaler (see `needs_grad_scaler`); bf16 on CPUs with
+    bf16 instructions (see `cpu_has_fast_bf16`); float32 elsewhere (older GPUs and CPUs, MPS).
+    bf16 on a CUDA GPU below capability 8.0 is an error. Weights, gradients and optimizer state stay
+    float32 either way.
     """
     if precision == "fp32":
         return None
+    if precision == "fp16":
+        return torch.float16
     if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise GPT2LabError("this GPU does not support bfloat16; use --set train.precision=fp32")
+        if device.type == "cuda" and cuda_capability(device) < BF16_MIN_CAPABILITY:
+            major, minor = cuda_capability(device)
+            raise GPT2LabError(
+                f"train.precision = bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                "has no bfloat16 tensor cores (they start at 8.0); use --set train.precision=fp16, or auto"
+            )
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        capability = cuda_capability(device)
+        if capability >= BF16_MIN_CAPABILITY:
+            return torch.bfloat16
+        return torch.float16 if capability >= FP16_MIN_CAPABILITY else None
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else None
     return None
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """float16 gradients underflow without loss scaling (Micikevicius et al. 2018, "Mixed precision
+    training"); bfloat16 has float32's exponent range and needs none."""
+    return dtype == torch.float16

@@ -1,0 +1,96 @@
+"""Precision chosen by the device's capability, and the CPU bf16 probe with its override."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2lab.errors import GPT2LabError
+from gpt2lab.runtime import autocast_dtype, cpu_has_fast_bf16, needs_grad_scaler
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend the CUDA device is a given card (only its capability and name are asked)."""
+
+    def install(capability: tuple[int, int], name: str = "Tesla T4") -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install
+
+
+@pytest.mark.parametrize(
+    "capability,expected",
+    [
+        ((6, 1), None),  # Pascal: no tensor cores, fp16 at 1/64 rate
+        ((7, 0), torch.float16),  # V100
+        ((7, 5), torch.float16),  # T4
+        ((8, 0), torch.bfloat16),  # A100
+        ((8, 9), torch.bfloat16),  # L4, RTX 4090
+        ((9, 0), torch.bfloat16),  # H100, H200
+    ],
+)
+def test_auto_precision_follows_the_gpu_capability(gpu, capability, expected):
+    gpu(capability)
+    assert autocast_dtype("auto", CUDA) == expected
+    assert needs_grad_scaler(autocast_dtype("auto", CUDA)) == (expected == torch.float16)
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)])
+def test_explicit_bf16_on_a_gpu_without_bf16_tensor_cores_is_an_error(gpu, capability):
+    gpu(capability, "Tesla V100-SXM2-16GB")
+    major, minor = capability
+    message = (
+        f"train.precision = bf16: Tesla V100-SXM2-16GB \\(compute capability {major}.{minor}\\) has no bfloat16 "
+        "tensor cores \\(they start at 8.0\\); use --set train.precision=fp16, or auto"
+    )
+    with pytest.raises(GPT2LabError, match=message):
+        autocast_dtype("bf16", CUDA)
+    assert autocast_dtype("fp16", CUDA) == torch.float16
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_explicit_precisions_on_a_gpu_with_bf16(gpu, capability):
+    gpu(capability)
+    assert autocast_dtype("bf16", CUDA) == torch.bfloat16
+    assert autocast_dtype("fp16", CUDA) == torch.float16
+    assert autocast_dtype("fp32", CUDA) is None
+
+
+def test_explicit_precisions_on_cpu_and_mps():
+    for device in (CPU, torch.device("mps")):
+        assert autocast_dtype("bf16", device) == torch.bfloat16
+        assert autocast_dtype("fp16", device) == torch.float16
+        assert autocast_dtype("fp32", device) is None
+    assert autocast_dtype("auto", torch.device("mps")) is None
+    assert not needs_grad_scaler(torch.bfloat16) and not needs_grad_scaler(None)
+
+
+def test_cpu_bf16_environment_variable_overrides_the_probe(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setenv("GPT2LAB_CPU_BF16", "0")
+    assert cpu_has_fast_bf16() is False
+    assert autocast_dtype("auto", CPU) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setenv("GPT2LAB_CPU_BF16", "1")
+    assert cpu_has_fast_bf16() is True
+    assert autocast_dtype("auto", CPU) == torch.bfloat16
+    monkeypatch.setenv("GPT2LAB_CPU_BF16", "yes")
+    with pytest.raises(GPT2LabError, match="GPT2LAB_CPU_BF16 must be 0 or 1 \\(or unset to ask the CPU\\), got 'yes'"):
+        cpu_has_fast_bf16()
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_cpu_bf16_probe_without_the_variable(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.delenv("GPT2LAB_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_has_fast_bf16() is expected
+    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if expected else None)
+    monkeypatch.setenv("GPT2LAB_CPU_BF16", "")  # empty counts as unset
+    assert cpu_has_fast_bf16() is expected
