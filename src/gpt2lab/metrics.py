@@ -20,7 +20,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 
@@ -29,40 +29,91 @@ from .fileio import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets. MFU
-# (PaLM paper, appendix B) = achieved model FLOP/s / (peak x GPUs); model FLOPs per token are
-# GPT.estimate_flops_per_token. Matched against torch.cuda.get_device_name(), longest key first.
-PEAK_BF16_FLOPS: dict[str, float] = {
-    "H200": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "H800": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "A6000": 155e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16; V100 has no bf16
-    "T4": 65e12,  # fp16
+
+class Peak(NamedTuple):
+    """Dense (no sparsity) peak TFLOP/s of one GPU per matmul precision; None where it has no such unit."""
+
+    bf16: float | None  # bf16 tensor cores, fp32 accumulate
+    fp16: float | None  # fp16 tensor cores, fp32 accumulate (what autocast's GEMMs use)
+    tf32: float | None  # TF32 tensor cores: float32 matmuls under set_float32_matmul_precision("high")
+    fp32: float  # plain float32 (CUDA cores)
+
+
+# Peaks by the exact name torch.cuda.get_device_name() reports (compared case- and space-insensitively),
+# from NVIDIA's data sheets, halving the figures they give "with sparsity". Exact names, because
+# substrings mislead: "NVIDIA L40" contains "L4" (181 vs 121 TFLOP/s) and "NVIDIA H200 NVL" contains
+# "H200" (835 vs 989). A GPU not listed (or a MIG slice of one) gets no MFU rather than a wrong one.
+GPU_PEAKS_TFLOPS: dict[str, Peak] = {
+    # "NVIDIA H100 Tensor Core GPU" datasheet: SXM5, PCIe and NVL columns.
+    "NVIDIA H100 80GB HBM3": Peak(989.5, 989.5, 494.5, 67.0),  # H100 SXM
+    "NVIDIA H100 PCIe": Peak(756.5, 756.5, 378.0, 51.0),
+    "NVIDIA H100 NVL": Peak(835.5, 835.5, 417.5, 60.0),
+    # "NVIDIA H200 Tensor Core GPU" datasheet: H200 SXM and H200 NVL columns.
+    "NVIDIA H200": Peak(989.5, 989.5, 494.5, 67.0),
+    "NVIDIA H200 NVL": Peak(835.5, 835.5, 417.5, 60.0),
+    # "NVIDIA GH200 Grace Hopper Superchip" datasheet (the dense figures are printed there).
+    "NVIDIA GH200 480GB": Peak(990.0, 990.0, 494.0, 67.0),
+    # "NVIDIA A100 Tensor Core GPU" datasheet: the same peaks for 40/80 GB, SXM and PCIe.
+    "NVIDIA A100-SXM4-80GB": Peak(312.0, 312.0, 156.0, 19.5),
+    "NVIDIA A100-SXM4-40GB": Peak(312.0, 312.0, 156.0, 19.5),
+    "NVIDIA A100-PCIE-40GB": Peak(312.0, 312.0, 156.0, 19.5),
+    "NVIDIA A100 80GB PCIe": Peak(312.0, 312.0, 156.0, 19.5),
+    # "NVIDIA L4 Tensor Core GPU" datasheet.
+    "NVIDIA L4": Peak(121.0, 121.0, 60.0, 30.3),
+    # "NVIDIA L40 GPU Accelerator" datasheet.
+    "NVIDIA L40": Peak(181.05, 181.05, 90.5, 90.5),
+    # "NVIDIA L40S GPU" datasheet.
+    "NVIDIA L40S": Peak(362.05, 362.05, 183.0, 91.6),
+    # "NVIDIA A10 Tensor Core GPU" datasheet.
+    "NVIDIA A10": Peak(125.0, 125.0, 62.5, 31.2),
+    # AWS's variant of the A10 (EC2 G5) has no NVIDIA datasheet; these are the figures published for
+    # G5 instances, half the A10's tensor rate (Baseten, "NVIDIA A10 vs A10G for ML model inference").
+    "NVIDIA A10G": Peak(70.0, 70.0, 35.0, 35.0),
+    # "NVIDIA T4 Tensor Core GPU" datasheet: fp16 "mixed precision" tensor cores, no bf16 or TF32.
+    "Tesla T4": Peak(None, 65.0, None, 8.1),
+    # "NVIDIA Tesla V100 GPU Accelerator" datasheet: SXM2 and PCIe (16 and 32 GB alike), V100S PCIe;
+    # Volta's tensor cores do fp16 only.
+    "Tesla V100-SXM2-16GB": Peak(None, 125.0, None, 15.7),
+    "Tesla V100-SXM2-32GB": Peak(None, 125.0, None, 15.7),
+    "Tesla V100-PCIE-16GB": Peak(None, 112.0, None, 14.0),
+    "Tesla V100-PCIE-32GB": Peak(None, 112.0, None, 14.0),
+    "Tesla V100S-PCIE-32GB": Peak(None, 130.0, None, 16.4),
+    # "NVIDIA Ada GPU Architecture" whitepaper, appendix (GeForce RTX 4090): fp32-accumulate rates,
+    # half the fp16-accumulate ones on GeForce cards.
+    "NVIDIA GeForce RTX 4090": Peak(165.2, 165.2, 82.6, 82.6),
+    # "NVIDIA Ampere GA102 GPU Architecture" whitepaper (GeForce RTX 3090), fp32 accumulate.
+    "NVIDIA GeForce RTX 3090": Peak(71.0, 71.0, 35.6, 35.6),
 }
 
+_PEAKS_BY_KEY = {" ".join(name.split()).casefold(): peak for name, peak in GPU_PEAKS_TFLOPS.items()}
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of one device of this kind, or None where unknown (CPUs, MPS, other GPUs)."""
+
+def gpu_peak_flops(name: str, dtype: torch.dtype | None, tf32: bool = True) -> float | None:
+    """Peak FLOP/s of the GPU called `name` (as torch.cuda.get_device_name reports it) for matmuls
+    under autocast `dtype` (None: float32, counted at the TF32 tensor-core peak when `tf32` is on and
+    the GPU has TF32, else at the plain float32 peak), or None for a GPU or precision not in the table."""
+    peak = _PEAKS_BY_KEY.get(" ".join(name.split()).casefold())
+    if peak is None:
+        return None
+    if dtype == torch.bfloat16:
+        tflops = peak.bf16
+    elif dtype == torch.float16:
+        tflops = peak.fp16
+    elif dtype is None or dtype == torch.float32:
+        tflops = peak.tf32 if tf32 and peak.tf32 is not None else peak.fp32
+    else:
+        tflops = None
+    return None if tflops is None else tflops * 1e12
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of one device of this kind for autocast `dtype` (None: float32, where TF32 counts
+    if float32 matmuls use it, i.e. torch.get_float32_matmul_precision() is not "highest"), or None
+    where unknown (CPUs, MPS, GPUs not in GPU_PEAKS_TFLOPS)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
+    tf32 = torch.get_float32_matmul_precision() != "highest"
+    return gpu_peak_flops(torch.cuda.get_device_name(device), dtype, tf32)
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None, num_devices: int = 1) -> float | None:
