@@ -63,6 +63,8 @@ def test_convert_both_ways_then_sample(cli, hf_dir, tmp_path):
         "--seed",
         "1",
         "--no-stream",
+        "--device",
+        "cpu",
     )
     assert again.out == result.out  # streaming and batch decoding print the same text
 
@@ -78,6 +80,8 @@ def test_convert_both_ways_then_sample(cli, hf_dir, tmp_path):
         "5",
         "--temperature",
         "0",
+        "--device",
+        "cpu",
     )
     assert many.code == 0, many.err
     assert many.out.count("---------- sample") == 3
@@ -99,7 +103,12 @@ def test_convert_refuses_to_overwrite(cli, hf_dir, tmp_path):
         (["sample", "--model", "gpt2"], "could not download model 'gpt2'"),
         (["sample", "--model", "MODEL", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["sample", "--model", "MODEL", "--temperature", "-1"], "--temperature must be >= 0"),
-        (["sample", "--model", "MODEL", "--device", "cuda"], "CUDA is not available"),
+        pytest.param(
+            ["sample", "--model", "MODEL", "--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        (["sample", "--model", "MODEL", "--device", "tpu"], "unknown device 'tpu'"),
         (["convert", "--to-hf", "/nonexistent/ckpt", "--out", "OUT"], "/nonexistent/ckpt"),
     ],
 )

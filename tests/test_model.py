@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt2lab.config import PRESETS, GPTConfig
-from gpt2lab.model import GPT, KVCache, count_parameters
+from gpt2lab.model import GPT, KVCache, Linear, count_parameters
 
 
 def test_gpt2_preset_has_124439808_parameters():
@@ -111,13 +111,21 @@ def test_packed_cpu_weights_give_the_same_outputs(dtype, atol):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)).eval().to(dtype)
     idx = torch.randint(0, 100, (3, 16))
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
     with torch.no_grad():
         plain, _ = model(idx)
-    assert model.pack_for_cpu_inference(3)
-    assert model.lm_head.packed is not None
-    with torch.no_grad():
-        packed, _ = model(idx)
-    torch.testing.assert_close(packed.float(), plain.float(), rtol=0, atol=atol)
+    # Whether oneDNN packs a dtype depends on the CPU (bf16 needs AVX512-BF16 or AMX in some builds):
+    # where packing declines, the model must keep running on the plain weights, exactly.
+    if model.pack_for_cpu_inference(3):
+        assert all(m.packed is not None for m in linears)
+        with torch.no_grad():
+            packed, _ = model(idx)
+        torch.testing.assert_close(packed.float(), plain.float(), rtol=0, atol=atol)
+    else:
+        assert all(m.packed is None for m in linears)
+        with torch.no_grad():
+            unpacked, _ = model(idx)
+        torch.testing.assert_close(unpacked, plain, rtol=0, atol=0)
     # With autograd on, the parameters themselves are used (gradients flow as usual).
     logits, _ = model(idx)
     assert logits.requires_grad
@@ -127,15 +135,15 @@ def test_packed_weights_never_go_stale_and_train_drops_them():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40)).eval()
     idx = torch.randint(0, 40, (1, 8))
-    model.pack_for_cpu_inference(1)
+    packs = model.pack_for_cpu_inference(1)  # where oneDNN declines, all below runs on plain weights
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an optimizer step would do the same
         changed, _ = model(idx)
         model.pack_for_cpu_inference(None)
         expected, _ = model(idx)
     torch.testing.assert_close(changed, expected, rtol=0, atol=0)
-    model.pack_for_cpu_inference(1)
-    assert model.transformer.h[0].mlp.c_fc.packed is not None
+    assert model.pack_for_cpu_inference(1) == packs
+    assert (model.transformer.h[0].mlp.c_fc.packed is not None) == packs
     model.train()
     assert all(getattr(m, "packed", None) is None for m in model.modules())
     model.eval()
