@@ -164,6 +164,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto | bf16 | fp32
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" compiles in seconds (CPU tests)
     init_from: str = ""  # "" = from scratch; else a Hub name, HF directory or gpt2lab checkpoint/run
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped
     log_every: int = 1  # metrics.jsonl records every N steps

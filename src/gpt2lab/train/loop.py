@@ -73,6 +73,18 @@ def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
     return t.total_batch_tokens // per_micro
 
 
+def compile_backend(name: str) -> str:
+    """`name` if torch.compile knows that backend (inductor, aot_eager, eager, ...), else a clear error."""
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise GPT2LabError(
+            f"train.compile_backend {name!r} is not a torch.compile backend (torch._dynamo.list_backends()); "
+            "use inductor, or aot_eager / eager for a quick compile"
+        )
+    return name
+
+
 def data_tokenizer_or_gpt2(data_dir: str) -> Tokenizer:
     """The tokenizer a prepared directory records (manifest.json); GPT-2's for llm.c's shards, which
     have no manifest. A missing directory is reported here, before any model is built."""
@@ -149,7 +161,9 @@ class Trainer:
         self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
         self.peak = peak_flops(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.train_model: torch.nn.Module = torch.compile(self.model) if t.compile else self.model
+        self.train_model: torch.nn.Module = self.model
+        if t.compile:
+            self.train_model = torch.compile(self.model, backend=compile_backend(t.compile_backend))
         if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
