@@ -80,6 +80,23 @@ def test_strided_perplexity_equals_the_direct_computation(models, tok, context, 
         assert result.perplexity == pytest.approx(math.exp(nll / scored), rel=1e-5)
 
 
+def test_logits_are_made_a_few_positions_at_a_time(models, tok, monkeypatch):
+    _, ours = models
+    ids = tok.encode(TEXT * 2)
+    whole = perplexity.evaluate(ours, ids, context=32, stride=20, batch_size=3)
+    from gpt2lab.eval import common
+
+    monkeypatch.setattr(common, "nll_chunk_rows", lambda device: 5)
+    rows = []
+    hook = ours.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
+    try:
+        chunked = perplexity.evaluate(ours, ids, context=32, stride=20, batch_size=3)
+    finally:
+        hook.remove()
+    assert max(rows) == 5 and sum(rows) == chunked.scored_tokens == len(ids) - 1
+    assert chunked.nll == pytest.approx(whole.nll, rel=1e-6)
+
+
 def test_bits_per_byte_and_bos(models, tok, tmp_path):
     _, ours = models
     path = tmp_path / "text.txt"

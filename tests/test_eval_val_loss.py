@@ -62,6 +62,33 @@ def test_val_loss_equals_direct_computation_at_any_batch_size(models, data_dir):
         assert result["perplexity"] == pytest.approx(np.exp(expected), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_chunked_losses_equal_the_full_logits_and_no_full_logits_are_made(models, data_dir, monkeypatch, dtype):
+    hf, _ = models
+    ours = gpt2lab_twin(hf, pad_vocab_multiple=64)  # padding rows must stay out of the softmax
+    assert ours.config.padded_vocab_size == 50304
+    tokens = open_split_tokens(data_dir, "val")[:].astype(np.int64)
+    expected = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        for w in range(12):  # the model's own full (T, V) logits, window by window
+            buf = torch.from_numpy(tokens[w * 16 : (w + 1) * 16 + 1])
+            logits, _ = ours(buf[None, :-1])
+            expected += F.cross_entropy(logits[0].float(), buf[1:], reduction="sum").item()
+    expected /= 12 * 16
+
+    from gpt2lab.eval import common
+
+    monkeypatch.setattr(common, "nll_chunk_rows", lambda device: 7)
+    rows = []
+    hook = ours.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
+    try:
+        result = val_loss(ours, data_dir, max_tokens=12 * 16, batch_size=5, seq_len=16, autocast_dtype=dtype)
+    finally:
+        hook.remove()
+    assert result["loss"] == pytest.approx(expected, rel=1e-6 if dtype is None else 1e-4)
+    assert max(rows) == 7 and sum(rows) == 12 * 16  # 7 positions' logits at a time, each position once
+
+
 def test_budget_larger_than_the_split_uses_all_of_it(models, data_dir):
     _, ours = models
     result = val_loss(ours, data_dir, seq_len=64)  # default budget: 10,485,760 tokens

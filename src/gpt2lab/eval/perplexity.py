@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
-from .common import autocast, evaluating, logits_at, token_losses, unwrap
+from .common import autocast, evaluating, hidden_at, token_nll, unwrap
 
 # Corpora known by name: WikiText-2's test split as Hugging Face's guide reads it.
 NAMED_CORPORA: dict[str, dict[str, str]] = {
@@ -173,9 +173,8 @@ def evaluate(
             cols = torch.cat([torch.arange(w.first - 1 - w.begin, w.end - 1 - w.begin) for w in ws])  # (n,)
             targets = idx[rows, cols + 1]  # (n,)
             idx, rows, cols, targets = (t.to(device) for t in (idx, rows, cols, targets))
-            with autocast(device, autocast_dtype):
-                logits = logits_at(gpt, idx, rows, cols)  # (n, V)
-            losses = token_losses(logits, targets).double()  # (n,)
+            with autocast(device, autocast_dtype):  # logits for the scored positions, a chunk at a time
+                losses = token_nll(gpt, hidden_at(gpt, idx, rows, cols), targets).double()  # (n,)
             sums = torch.zeros(len(ws), dtype=torch.float64, device=device).index_add_(0, rows, losses)
             per_window[torch.tensor(batch, device=device)] = sums
             bar.update(len(batch))
