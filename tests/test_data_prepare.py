@@ -102,12 +102,18 @@ def test_directory_of_text_files(tmp_path, tok):
     (corpus / "sub" / "c.txt").write_text("In a sub-folder, <|endoftext|> is just text.")
     (corpus / "empty.txt").write_text("")
     (corpus / ".hidden.txt").write_text("never read")
-    (corpus / "notes.csv").write_text("ignored,type")
-    m = run(corpus, tmp_path / "out").manifest
+    (corpus / "notes.csv").write_text("name,kind\n")
+    m = run(corpus, tmp_path / "out", ext=("txt", "md")).manifest
     docs = ["# First\n\nMarkdown counts too.", "Second file.\n", "In a sub-folder, <|endoftext|> is just text."]
     np.testing.assert_array_equal(stream_of(tmp_path / "out"), expected_stream(tok, docs))
     assert m["documents"] == 3 and m["empty_documents_skipped"] == 1 and m["source"]["files"] == 4
-    assert m["settings"]["shard_prefix"] == "corpus"
+    assert m["settings"]["shard_prefix"] == "corpus" and m["source"]["ext"] == ["md", "txt"]
+    # Without --ext every file that is text is a document: notes.csv too, in path order.
+    m = run(corpus, tmp_path / "all").manifest
+    np.testing.assert_array_equal(
+        stream_of(tmp_path / "all"), expected_stream(tok, [*docs[:2], "name,kind\n", docs[2]])
+    )
+    assert m["documents"] == 4 and m["source"]["files"] == 5 and "ext" not in m["source"]
 
 
 def test_split_on_and_utf8_across_read_blocks(tmp_path, tok, monkeypatch):
@@ -134,6 +140,69 @@ def test_undecodable_bytes_are_replaced_counted_and_reported(tmp_path, tok, cli)
 
 def records():
     return [{"text": "First record.", "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3}, {"text": "Ünïcode ✓"}]
+
+
+# A small source tree: four languages, an image, and a hidden folder that is never read.
+CODE = {
+    "main.py": 'def main() -> None:\n    print("héllo, wörld")\n\n\nif __name__ == "__main__":\n    main()\n',
+    "lib/util.c": "#include <stdio.h>\n\nint add(int a, int b) { return a + b; }  /* <|endoftext|> */\n",
+    "lib/lib.rs": 'fn main() {\n    println!("{}", 1 + 2);\n}\n',
+    "web/app.js": "export const double = (x) => x * 2;\n",
+}
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01" + bytes(range(256))
+
+
+def code_tree(root: Path) -> Path:
+    for name, text in CODE.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "web" / "logo.png").write_bytes(PNG)
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("[core]\n\tbare = false\n")
+    return root
+
+
+def test_a_directory_of_source_code_skips_and_counts_binaries(tmp_path, tok, cli):
+    root = code_tree(tmp_path / "code")
+    r = cli("prepare", root, "--out", tmp_path / "out", "--workers", "1", "--no-progress")
+    assert r.code == 0, r.err
+    m = read_manifest(tmp_path / "out")
+    texts = [CODE[name] for name in ("lib/lib.rs", "lib/util.c", "main.py", "web/app.js")]  # path order
+    np.testing.assert_array_equal(stream_of(tmp_path / "out"), expected_stream(tok, texts))
+    assert m["total_tokens"] == sum(len(tok.encoding.encode_ordinary(t)) + 1 for t in texts)
+    assert m["documents"] == 4 and m["source"]["files"] == 4 and m["replaced_bytes"] == 0
+    assert m["source"]["skipped_files"] == 1
+    assert m["source"]["example_skipped_files"] == [str(root / "web" / "logo.png")]
+    assert f"note: skipped 1 file(s) that are not UTF-8 text: {root / 'web' / 'logo.png'}" in r.err
+
+    # --ext keeps some suffixes (case-insensitive, with or without the dot); the command records it.
+    r = cli("prepare", root, "--ext", ".PY", "--out", tmp_path / "py", "--workers", "1", "--no-progress")
+    assert r.code == 0, r.err
+    m = read_manifest(tmp_path / "py")
+    np.testing.assert_array_equal(stream_of(tmp_path / "py"), expected_stream(tok, [CODE["main.py"]]))
+    assert m["source"]["ext"] == ["py"] and "skipped_files" not in m["source"] and "note:" not in r.err
+    assert shlex.split(m["command"])[-2:] == ["--ext", "py"]
+    r = cli(*shlex.split(m["command"])[1:])
+    assert r.code == 0 and "already prepared" in r.out
+    r = cli("prepare", f"{root}/**/*", "--ext", "c,rs", "--out", tmp_path / "c-rs", "--workers", "1")
+    assert r.code == 0, r.err
+    expected = expected_stream(tok, [CODE["lib/lib.rs"], CODE["lib/util.c"]])
+    np.testing.assert_array_equal(stream_of(tmp_path / "c-rs"), expected)
+
+
+def test_text_that_is_not_utf8_is_skipped_in_a_glob_and_read_alone(tmp_path, tok, cli):
+    (tmp_path / "ok.c").write_text("int x;\n")
+    (tmp_path / "latin1.c").write_bytes(b"/* caf\xe9 */\n")
+    (tmp_path / "late-nul.c").write_bytes(b"int y;\n" + b" " * 9000 + b"\x00\n")  # NUL after 8 KB: UTF-8 text
+    m = run(f"{tmp_path}/*.c", tmp_path / "out").manifest
+    np.testing.assert_array_equal(
+        stream_of(tmp_path / "out"), expected_stream(tok, ["int y;\n" + " " * 9000 + "\x00\n", "int x;\n"])
+    )
+    assert m["source"]["skipped_files"] == 1 and m["source"]["example_skipped_files"] == [str(tmp_path / "latin1.c")]
+    # Named on its own, a file is read: undecodable bytes are replaced and counted, as for a .txt file.
+    m = run(tmp_path / "latin1.c", tmp_path / "alone").manifest
+    np.testing.assert_array_equal(stream_of(tmp_path / "alone"), expected_stream(tok, ["/* caf\ufffd */\n"]))
+    assert m["replaced_bytes"] == 1 and "skipped_files" not in m["source"]
 
 
 def test_jsonl_and_parquet_sources(tmp_path, tok):
@@ -368,12 +437,14 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "number.jsonl").write_text('{"text": 5}\n')
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "logo.png").write_bytes(PNG)
     return [
         (["missing.txt"], "missing.txt: no such file, directory or preset"),
         (["someone/dataset"], "write hf:someone/dataset"),
         ([str(tmp_path / "*.nothing")], "the pattern matches no files"),
         ([str(tmp_path / "empty.txt")], "empty corpus"),
-        ([str(tmp_path / "empty_dir")], "no .txt, .md"),
+        ([str(tmp_path / "empty_dir")], "empty_dir: no files in this directory (hidden ones are skipped)"),
         ([str(tmp_path / "blank_dir")], "empty corpus: there is no text in it (1 empty documents)"),
         ([str(tmp_path / "bad.jsonl")], f"{tmp_path / 'bad.jsonl'}:3: not valid JSON"),
         ([str(tmp_path / "nofield.jsonl")], f"{tmp_path / 'nofield.jsonl'}:2: no field 'text' (fields: body)"),
@@ -383,6 +454,12 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([str(tmp_path / "empty.txt"), "--shard-tokens", "0"], "--shard-tokens must be between 1"),
         ([str(tmp_path / "small.txt"), "--val-tokens", "1M"], "--val-tokens 1000000 leaves no training tokens"),
         (["hf:"], "give the dataset name after 'hf:'"),
+        ([str(tmp_path / "images" / "logo.png")], "logo.png: a binary file (it has a NUL byte in its first 8192"),
+        ([str(tmp_path / "images")], "images: none of its 1 file(s) is UTF-8 text (first: "),
+        ([str(tmp_path / "images"), "--ext", "py"], "images: no .py files in this directory"),
+        ([str(tmp_path / "*.txt"), "--ext", "md,rst"], "the pattern matches no .md, .rst files"),
+        ([str(tmp_path / "small.txt"), "--ext", "py"], "small.txt: not a .py file, as --ext asks"),
+        (["tinyshakespeare", "--ext", "txt"], "--ext selects local files by suffix; 'tinyshakespeare' is a preset"),
     ]
 
 
@@ -403,6 +480,8 @@ def test_cli_help_and_bad_count(cli):
     assert r.code == 0 and "fineweb-edu-10B" in r.out and "hf:NAME" in r.out
     r = cli("prepare", "x.txt", "--out", "o", "--shard-tokens", "lots")
     assert r.code == 2 and "not a token count" in r.err
+    r = cli("prepare", "x.txt", "--out", "o", "--ext", "py,,c")
+    assert r.code == 2 and "argument --ext: '' is not a file suffix; give suffixes like py,c,rs" in r.err
 
 
 def test_subprocess_exit_code_for_bad_input(tmp_path):

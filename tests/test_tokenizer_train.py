@@ -178,3 +178,43 @@ def test_cli_train_stats_and_prepare_with_the_tokenizer(cli, shakespeare_path, t
 
     bad = cli("tokenizer", "train", tmp_path / "nothing-here", "--vocab-size", "300", "--out", tmp_path / "t2")
     assert bad.code == 1 and "nothing-here" in bad.err
+
+
+def test_cli_train_and_stats_on_a_glob_of_python_files(cli, tmp_path):
+    import json
+
+    from gpt2lab.tokenizer import DESCRIPTOR
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {
+        f"mod{i:02d}.py": f'def times_{i}(x: int) -> int:\n    """Return x times {i}."""\n    return x * {i}\n\n\n'
+        f"print(times_{i}(3))\n"
+        for i in range(40)
+    }
+    for name, text in files.items():
+        (src / name).write_text(text, encoding="utf-8")
+    (src / "cached.py").write_bytes(b"\x00\x00\x0d\x0a\xa7\x0dbinary")  # not text: skipped and counted
+    (src / "notes.txt").write_text("not Python")  # the pattern does not match it
+
+    result = cli("tokenizer", "train", f"{src}/*.py", "--vocab-size", "300", "--out", tmp_path / "tok")
+    assert result.code == 0, result.err
+    chars = sum(len(t) for t in files.values())
+    assert f"from {chars:,} characters in 40 piece(s)" in result.out
+    assert f"note: skipped 1 file(s) that are not UTF-8 text: {src / 'cached.py'}" in result.err
+    trained_on = json.loads((tmp_path / "tok" / DESCRIPTOR).read_text())["trained_on"]
+    assert trained_on["documents"] == 40 and trained_on["skipped_files"] == 1
+    tok = get_tokenizer(tmp_path / "tok")
+    assert tok.n_vocab == 300
+    assert all(tok.decode(tok.encode(t)) == t for t in files.values())
+
+    # The directory with --ext py reads the same files; stats count what tiktoken counts, file by file.
+    result = cli(
+        "tokenizer", "stats", src, "--ext", "py", "--tokenizer", tmp_path / "tok", "--json", tmp_path / "s.json"
+    )
+    assert result.code == 0, result.err
+    assert "note: skipped 1 file(s)" in result.err
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows[0]["bytes"] == sum(len(t.encode()) for t in files.values())
+    assert rows[0]["tokens"] == sum(len(get_tokenizer().encoding.encode_ordinary(t)) for t in files.values())
+    assert rows[1]["tokens"] == sum(len(tok.encoding.encode_ordinary(t)) for t in files.values())

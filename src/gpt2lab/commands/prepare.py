@@ -1,7 +1,10 @@
 """Tokenize a corpus into GPT-2 token shards (llm.c's .bin format) with a manifest.json.
 
 SOURCE is one of:
-  a file, directory or glob   .txt/.md (one file = one document), .jsonl, .parquet (--text-field)
+  a file, directory or glob   .jsonl / .parquet: one document per record (--text-field); any other
+                              file is text, one file = one document (.py, .c, .md, ...); in a
+                              directory or glob, files that are not UTF-8 text are skipped and
+                              counted; --ext py,c keeps only those suffixes
   hf:NAME                     a Hugging Face dataset, streamed (needs: pip install 'gpt2lab[data]')
   a preset                    tinyshakespeare, fineweb-edu-10B, openwebtext
 
@@ -12,6 +15,7 @@ Examples:
   gpt2lab prepare tinyshakespeare --out data/shakespeare
   gpt2lab prepare ~/corpus --out data/corpus --shard-tokens 10M
   gpt2lab prepare 'books/**/*.jsonl' --text-field body --out data/books
+  gpt2lab prepare ~/src/cpython --ext py,c,h --out data/cpython
   gpt2lab prepare fineweb-edu-10B --out data/edu_fineweb10B
   gpt2lab prepare hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --out data/edu_fineweb10B
 """
@@ -23,8 +27,9 @@ import re
 import sys
 
 from ..data.prepare import DEFAULT_SHARD_TOKENS, PrepareOptions, default_workers, prepare
-from ..data.sources import PRESETS
+from ..data.sources import PRESETS, normalize_ext
 from ..data.text import unescape
+from ..errors import GPT2LabError
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -38,6 +43,32 @@ def parse_count(text: str) -> int:
     if value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole number of tokens: {text!r}")
     return int(value)
+
+
+def parse_ext(text: str) -> tuple[str, ...]:
+    """'py,.C, rs' -> ('c', 'py', 'rs')."""
+    try:
+        return normalize_ext(text.split(","))
+    except GPT2LabError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--ext: ")) from None
+
+
+def add_ext_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ext",
+        type=parse_ext,
+        metavar="SUFFIXES",
+        help="in a directory or glob, read only files with these suffixes, e.g. py,c,rs (default: every file "
+        "that is text)",
+    )
+
+
+def report_skipped(source: dict) -> None:
+    """The note for files of a directory or glob that were skipped as not UTF-8 text."""
+    n = source.get("skipped_files", 0)
+    if n:
+        names = ", ".join(source["example_skipped_files"][:3]) + (", ..." if n > 3 else "")
+        print(f"note: skipped {n:,} file(s) that are not UTF-8 text: {names}", file=sys.stderr)
 
 
 def _val_tokens(text: str) -> int | None:
@@ -56,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SEP",
         help=r"split text files into documents at SEP, e.g. '\n\n' (default: one file = one document)",
     )
+    add_ext_argument(p)
     p.add_argument("--hf-config", metavar="NAME", help="Hugging Face dataset configuration, e.g. sample-10BT")
     p.add_argument("--split", dest="hf_split", metavar="NAME", help="Hugging Face dataset split (default: train)")
     p.add_argument("--name", metavar="PREFIX", help="shard file prefix (default: from the source)")
@@ -98,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         tokenizer=args.tokenizer,
+        ext=args.ext,
     )
     result = prepare(options)
     m = result.manifest
@@ -121,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             f"(first: {m['example_files_with_replacements'][0]}) were replaced with U+FFFD: the input is not all UTF-8",
             file=sys.stderr,
         )
+    report_skipped(m["source"])
     if m["empty_documents_skipped"]:
         print(f"note: skipped {m['empty_documents_skipped']:,} empty document(s)", file=sys.stderr)
     return 0

@@ -4,8 +4,13 @@ GPT-2's tokenizer spends 2-3x more tokens on Chinese, Japanese or code than on E
 trained on your corpus gives a small model more text per context and per FLOP. The trained directory
 is then used by `prepare --tokenizer DIR`, and everything downstream follows it automatically.
 
+CORPUS is read as `gpt2lab prepare` reads SOURCE: in a directory or glob, every file that is UTF-8
+text is one document (.py, .c, .rs, .md, ...), other files are skipped and counted; --ext keeps only
+some suffixes; .jsonl / .parquet files give one document per record.
+
 Examples:
   gpt2lab tokenizer train corpus/ --vocab-size 32768 --out tokenizers/mine
+  gpt2lab tokenizer train 'src/**/*.py' --vocab-size 8192 --out tokenizers/python
   gpt2lab tokenizer train hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --max-chars 1G --out tok/
   gpt2lab tokenizer stats corpus/ --tokenizer tokenizers/mine
 """
@@ -15,18 +20,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
 from ..tokenizer import get_tokenizer
 from ..tokenizer_train import PATTERNS, corpus_stats, describe, json_dump, save_trained, train_bpe
-from .prepare import parse_count
+from .prepare import add_ext_argument, parse_count, report_skipped
+
+if TYPE_CHECKING:
+    from ..data.sources import Source
 
 
 def _source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", metavar="CORPUS", help="file, directory, glob, hf:NAME, or preset (as for prepare)")
     p.add_argument("--text-field", metavar="FIELD", help="JSONL / Parquet / HF field holding the text (default: text)")
     p.add_argument("--split-on", metavar="SEP", help=r"split text files into documents at SEP, e.g. '\n\n'")
+    add_ext_argument(p)
     p.add_argument("--hf-config", metavar="NAME", help="Hugging Face dataset configuration")
     p.add_argument("--split", dest="hf_split", metavar="NAME", help="Hugging Face dataset split (default: train)")
     p.add_argument("--max-chars", type=parse_count, metavar="N", help="read at most N characters (K/M/G suffixes)")
@@ -76,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.set_defaults(_run=run_stats)
 
 
-def _texts(args: argparse.Namespace) -> Iterator[str]:
+def _open_source(args: argparse.Namespace) -> Source:
+    """The corpus, opened (its files listed and sniffed) before anything is trained or printed."""
     from ..data.sources import resolve_source
     from ..data.text import unescape
 
@@ -86,8 +97,13 @@ def _texts(args: argparse.Namespace) -> Iterator[str]:
         split_on=unescape(args.split_on) if args.split_on is not None else None,
         hf_config=args.hf_config,
         hf_split=args.hf_split,
+        ext=args.ext,
     )
     source.open()
+    return source
+
+
+def _texts(source: Source, args: argparse.Namespace) -> Iterator[str]:
     seen = 0
     for text, *_ in source.pieces():
         if args.max_chars is not None and seen + len(text) > args.max_chars:
@@ -99,18 +115,17 @@ def _texts(args: argparse.Namespace) -> Iterator[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    trained = train_bpe(_texts(args), args.vocab_size, pattern=args.pattern, progress=sys.stderr.isatty())
-    tok = save_trained(
-        trained,
-        args.out,
-        name=args.name,
-        overwrite=args.overwrite,
-        source={"corpus": args.corpus, "pattern": args.pattern},
-    )
+    source = _open_source(args)
+    trained = train_bpe(_texts(source, args), args.vocab_size, pattern=args.pattern, progress=sys.stderr.isatty())
+    read = source.describe()
+    about = {"corpus": args.corpus, "pattern": args.pattern}
+    about.update({k: read[k] for k in ("ext", "skipped_files", "example_skipped_files") if k in read})
+    tok = save_trained(trained, args.out, name=args.name, overwrite=args.overwrite, source=about)
     print(
         f"trained {tok.name}: {tok.n_vocab:,} tokens (<|endoftext|> = {tok.eot_token}) from "
         f"{trained.chars:,} characters in {trained.documents:,} piece(s); wrote {args.out}"
     )
+    report_skipped(read)
     print(f"use it with: gpt2lab prepare CORPUS --tokenizer {args.out} --out DATA_DIR")
     return 0
 
@@ -119,9 +134,11 @@ def run_stats(args: argparse.Namespace) -> int:
     tokenizers = [get_tokenizer()] + [get_tokenizer(path) for path in args.tokenizer]
     if args.max_chars is not None and args.max_chars < 1:
         raise GPT2LabError("--max-chars must be at least 1")
-    stats = corpus_stats(_texts(args), tokenizers)
+    source = _open_source(args)
+    stats = corpus_stats(_texts(source, args), tokenizers)
     print(f"{args.corpus}: {stats[0].bytes:,} bytes, {stats[0].chars:,} characters")
     print(describe(stats))
+    report_skipped(source.describe())
     if args.json:
         atomic_write_text(args.json, json_dump(stats) + "\n")
     return 0

@@ -63,6 +63,7 @@ class PrepareOptions:
     progress: bool = True
     piece_chars: int = DEFAULT_PIECE_CHARS
     tokenizer: str | None = None  # a directory made by `gpt2lab tokenizer train`; None: GPT-2's
+    ext: tuple[str, ...] | None = None  # file suffixes a directory or glob is restricted to; None: all
 
     def command(self) -> str:
         """The `gpt2lab prepare` command that makes these shards (options that change no byte left out)."""
@@ -75,6 +76,7 @@ class PrepareOptions:
             ("--name", self.name),
             ("--val-tokens", self.val_tokens),
             ("--tokenizer", self.tokenizer),
+            ("--ext", ",".join(self.ext) if self.ext is not None else None),
         ):
             if value is not None:
                 args += [flag, str(value)]
@@ -134,6 +136,7 @@ def prepare(options: PrepareOptions, tokenizer: Tokenizer | None = None) -> Prep
         hf_config=options.hf_config,
         hf_split=options.hf_split,
         piece_chars=options.piece_chars,
+        ext=options.ext,
     )
     source.open()
     identity = {

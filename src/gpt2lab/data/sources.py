@@ -1,5 +1,12 @@
 """Where documents come from: local text / JSONL / Parquet files, Hugging Face datasets, named presets.
 
+Local files: `.jsonl` / `.ndjson` and `.parquet` give one document per record; every other file is
+text, one document per file (or per `--split-on` part). In a directory or glob, a file without a text
+suffix (source code, a README, a Makefile) is taken only if it is UTF-8 text: one with a NUL byte in
+its first 8 KB, or with bytes that are not UTF-8, is skipped and counted (images, archives, binaries).
+`.txt` / `.md` files are always taken, undecodable bytes replaced and counted. `ext` restricts a
+directory or glob to some suffixes.
+
 Every source yields *pieces*, `(text, starts_document, progress)` tuples, in a fixed order. A document
 is one or more consecutive pieces, the first with `starts_document` true. Long documents (a 1 GB text
 file is one document by default) are cut into pieces of about `piece_chars` characters, so memory
@@ -12,6 +19,7 @@ the source's `progress_unit`, for the progress bar.
 from __future__ import annotations
 
 import abc
+import codecs
 import glob
 import gzip
 import hashlib
@@ -19,7 +27,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -37,6 +45,10 @@ PARQUET_SUFFIXES = (".parquet",)
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DEFAULT_PIECE_CHARS = 1 << 20
 READ_BYTES = 1 << 20
+# Where a NUL byte marks a file as binary, as git and grep decide it. UTF-8 text never holds one in
+# practice, while nearly every binary format (images, archives, object files) does near its start.
+SNIFF_BYTES = 8192
+EXAMPLE_FILES = 10  # skipped / damaged files named in the manifest
 HF_PREFIX = "hf:"
 
 
@@ -142,19 +154,46 @@ class FileSource(Source):
     """Local files: one file, a directory (searched recursively, hidden entries skipped), or a glob.
 
     Text files are one document each unless `split_on` is given; JSONL and Parquet files give one
-    document per record, from `text_field`. Files are read in sorted path order.
+    document per record, from `text_field`. Files are read in sorted path order. In a directory or
+    glob, files that are not UTF-8 text are skipped (`skipped`; see the module docstring), and `ext`
+    (suffixes without the dot, lower case) keeps only the files with those suffixes.
     """
 
     def __init__(
-        self, spec: str, shard_prefix: str, piece_chars: int, text_field: str = "text", split_on: str | None = None
+        self,
+        spec: str,
+        shard_prefix: str,
+        piece_chars: int,
+        text_field: str = "text",
+        split_on: str | None = None,
+        ext: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__(spec, shard_prefix, piece_chars)
         self.text_field = text_field
         self.split_on = split_on
+        self.ext = ext
         self.files: list[Path] = []
+        self.skipped: list[Path] = []  # not UTF-8 text
 
     def open(self) -> None:
-        self.files = _find_files(self.spec)
+        found, explicit = _find_files(self.spec, self.ext)
+        if explicit:
+            # A file named on its own is read whatever its suffix; only a binary one is refused.
+            path = found[0]
+            if _needs_sniffing(path) and _has_nul(path):
+                raise GPT2LabError(
+                    f"{path}: a binary file (it has a NUL byte in its first {SNIFF_BYTES} bytes), not text; "
+                    "give text, JSONL or Parquet files"
+                )
+            self.files = found
+        else:
+            for path in found:
+                (self.skipped if _needs_sniffing(path) and not _is_utf8_text(path) else self.files).append(path)
+            if not self.files:
+                raise GPT2LabError(
+                    f"{self.spec}: none of its {len(found)} file(s) is UTF-8 text (first: {self.skipped[0]}); "
+                    "point at text, JSONL or Parquet files"
+                )
         self.progress_total = sum(f.stat().st_size for f in self.files)
 
     def describe(self) -> dict[str, Any]:
@@ -170,13 +209,19 @@ class FileSource(Source):
             desc["split_on"] = self.split_on
         if set(kinds) & {"jsonl", "parquet"}:
             desc["text_field"] = self.text_field
+        # Only when used, so that the description (and the fingerprint) of other corpora stays as it was.
+        if self.ext is not None:
+            desc["ext"] = list(self.ext)
+        if self.skipped:
+            desc["skipped_files"] = len(self.skipped)
+            desc["example_skipped_files"] = [str(p) for p in self.skipped[:EXAMPLE_FILES]]
         if self.preset is not None:
             desc.update(preset=self.preset.name, url=self.preset.url, sha256=self.preset.sha256)
         return desc
 
     def signature(self) -> str:
         h = hashlib.sha256()
-        for f in self.files:
+        for f in [*self.files, *self.skipped]:  # a skipped file that changes may be text now
             st = f.stat()
             h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
@@ -315,37 +360,78 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _find_files(spec: str) -> list[Path]:
+def _needs_sniffing(path: Path) -> bool:
+    """Files without a text, JSONL or Parquet suffix are taken only if they hold text."""
+    return not path.name.lower().endswith(KNOWN_SUFFIXES)
+
+
+def _has_nul(path: Path) -> bool:
+    with _open_input(path) as f:
+        return b"\0" in f.read(SNIFF_BYTES)
+
+
+def _is_utf8_text(path: Path) -> bool:
+    """No NUL byte in the first SNIFF_BYTES and valid UTF-8 throughout (read once, in blocks)."""
+    if _has_nul(path):
+        return False
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        with _open_input(path) as f:
+            while data := f.read(READ_BYTES):
+                decoder.decode(data)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def normalize_ext(ext: Iterable[str]) -> tuple[str, ...]:
+    """File suffixes as `ext` takes them: 'PY', '.py' -> 'py'; sorted, without repeats."""
+    out = set()
+    for item in ext:
+        e = item.strip().lstrip(".").lower()
+        if not e or not re.fullmatch(r"[^\s/\\*?\[\]]+", e):
+            raise GPT2LabError(f"--ext: {item!r} is not a file suffix; give suffixes like py,c,rs")
+        out.add(e)
+    if not out:
+        raise GPT2LabError("--ext: give at least one file suffix, e.g. --ext py,c")
+    return tuple(sorted(out))
+
+
+def _has_ext(path: Path, ext: tuple[str, ...] | None) -> bool:
+    return ext is None or path.name.lower().endswith(tuple(f".{e}" for e in ext))
+
+
+def _find_files(spec: str, ext: tuple[str, ...] | None = None) -> tuple[list[Path], bool]:
+    """The files SPEC names, in reading order, and whether SPEC is one file named explicitly."""
     path = Path(spec).expanduser()
+    wanted = "" if ext is None else " " + ", ".join(f".{e}" for e in ext)
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
+        if not _has_ext(path, ext):
+            raise GPT2LabError(f"{spec}: not a{wanted} file, as --ext asks; drop --ext or give other files")
+        return [path], True
+    if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(KNOWN_SUFFIXES)),
+            (p for p in path.rglob("*") if p.is_file() and _has_ext(p, ext)),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         files = [p for p in files if not _is_hidden(p, path)]
         if not files:
             raise GPT2LabError(
-                f"{spec}: no {', '.join(KNOWN_SUFFIXES)} files in this directory; point at the corpus files"
+                f"{spec}: no{wanted} files in this directory (hidden ones are skipped); point at the corpus files"
             )
-    elif glob.has_magic(spec):
+        return files, False
+    if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-        files = [p for p in matches if p.is_file()]
+        files = [p for p in matches if p.is_file() and _has_ext(p, ext)]
         if not files:
-            raise GPT2LabError(f"{spec}: the pattern matches no files")
-        unknown = [p for p in files if not p.name.lower().endswith(KNOWN_SUFFIXES)]
-        if unknown:
-            raise GPT2LabError(
-                f"{unknown[0]}: unsupported file type; gpt2lab prepare reads {', '.join(KNOWN_SUFFIXES)} files"
-            )
-    else:
-        hint = ""
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-            hint = f"; for the Hugging Face dataset of that name write {HF_PREFIX}{spec}"
-        presets = ", ".join(PRESETS)
-        raise GPT2LabError(f"{spec}: no such file, directory or preset (presets: {presets}){hint}")
-    return files
+            raise GPT2LabError(f"{spec}: the pattern matches no{wanted} files")
+        return files, False
+    hint = ""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        hint = f"; for the Hugging Face dataset of that name write {HF_PREFIX}{spec}"
+    presets = ", ".join(PRESETS)
+    raise GPT2LabError(f"{spec}: no such file, directory or preset (presets: {presets}){hint}")
 
 
 class HFSource(Source):
@@ -426,14 +512,19 @@ def resolve_source(
     hf_config: str | None = None,
     hf_split: str | None = None,
     piece_chars: int = DEFAULT_PIECE_CHARS,
+    ext: Iterable[str] | None = None,
 ) -> Source:
     """The `Source` named by SOURCE on the command line: a preset, `hf:NAME`, or a local path / glob.
 
     Options left as None take the preset's values (or the defaults: field "text", split "train").
+    `ext` (file suffixes, with or without the dot) is for local files only.
     Nothing is read or downloaded until `open()`, except that a bundled preset (tinyshakespeare) is
     decompressed into the cache here (once).
     """
     preset = PRESETS.get(spec)
+    suffixes = None if ext is None else normalize_ext(ext)
+    if suffixes is not None and (preset is not None or spec.startswith(HF_PREFIX)):
+        raise GPT2LabError(f"--ext selects local files by suffix; {spec!r} is a preset or dataset, not files")
     if preset is not None and preset.hf_dataset is None:
         path = bundled_text(preset)
         source: Source = FileSource(
@@ -456,7 +547,7 @@ def resolve_source(
             text_field or (preset.text_field if preset else "text"),
         )
     else:
-        source = FileSource(spec, _prefix_from(spec), piece_chars, text_field or "text", split_on)
+        source = FileSource(spec, _prefix_from(spec), piece_chars, text_field or "text", split_on, suffixes)
     source.preset = preset
     return source
 
