@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def strict_dynamo(monkeypatch):
-    """A fresh dynamo cache in which any recompile raises; torch.compile uses the eager backend, which
-    traces exactly as Inductor's front end does (the guards are dynamo's) without generating code."""
+def strict_dynamo():
+    """A fresh dynamo cache in which any recompile raises."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     with torch._dynamo.config.patch(error_on_recompile=True):
         yield
     torch._dynamo.reset()
@@ -35,7 +32,8 @@ def test_evaluation_sample_checkpoint_and_resume_never_recompile(corpus, tmp_pat
     # Step 1, then val loss + a text sample (which packs the CPU weights for decoding and drops them
     # again), step 2, a checkpoint, then a resumed run in the same process (a new model object).
     sections = dict(
-        train={"compile": True, "max_steps": 4},
+        # The eager backend traces as Inductor's front end does (the guards are dynamo's), without codegen.
+        train={"compile": True, "compile_backend": "eager", "max_steps": 4},
         eval={"every": 1, "sample_tokens": 4},
         checkpoint={"every": 2},
     )

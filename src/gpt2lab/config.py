@@ -162,9 +162,10 @@ class TrainSection:
     max_steps: int = 19073
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (see runtime.autocast_dtype)
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" compiles in seconds (CPU tests)
+    deterministic: bool = False  # repeatable GPU runs, at a cost (see runtime.deterministic)
     init_from: str = ""  # "" = from scratch; else a Hub name, HF directory or gpt2lab checkpoint/run
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped
     log_every: int = 1  # metrics.jsonl records every N steps
@@ -314,7 +315,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def _plain(value: Any) -> Any:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,49 @@ def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
     """float16 gradients underflow without loss scaling (Micikevicius et al. 2018, "Mixed precision
     training"); bfloat16 has float32's exponent range and needs none."""
     return dtype == torch.float16
+
+
+# cuBLAS is repeatable only with one of these workspace settings (cuBLAS documentation, "Results
+# reproducibility"); PyTorch's use_deterministic_algorithms refuses cuBLAS calls without one.
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def deterministic_cublas() -> bool:
+    """Set CUBLAS_WORKSPACE_CONFIG=:4096:8 unless a deterministic setting is already there. PyTorch sizes
+    cuBLAS's workspace from it once, at the process's first cuBLAS call, so this must come before CUDA
+    starts; returns False when it came too late (CUDA already started without the setting)."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") in DETERMINISTIC_CUBLAS:
+        return True
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS[0]
+    return not torch.cuda.is_initialized()
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """Repeatable kernels inside the block, the previous settings back after it.
+
+    torch.use_deterministic_algorithms(True) (any op without a deterministic version is an error),
+    cuDNN's deterministic algorithms without autotuning, and on CUDA attention on SDPA's math backend:
+    the backward passes of flash and memory-efficient attention add up partial sums in whatever order
+    the thread blocks finish. CUBLAS_WORKSPACE_CONFIG must already be set (`deterministic_cublas`).
+    On CPU the kernels gpt2lab trains with are already repeatable, and nothing observable changes.
+    """
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]

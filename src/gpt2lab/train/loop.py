@@ -8,11 +8,15 @@ One optimizer step (build-nanogpt's loop, llm.c's train_gpt2.py):
         loss = model(x, y) / grad_accum; backward     # DDP syncs gradients on the last micro-step only
     all-reduce [loss, stop flag]                      # every rank logs the same loss, stops together
     norm = clip_grad_norm_(...); check finite; optimizer.step()
+    (float16 autocast: backward of the loss x scale, gradients unscaled before clipping, scale updated)
 
 then, by the step count: log to metrics.jsonl, evaluate, checkpoint. A checkpoint at step N holds the
 state after N steps: weights, AdamW state, counters, each rank's RNG states and loader position, so
 `--resume auto` continues exactly as if the run had never stopped. SIGINT / SIGTERM finish the
 current step, write a checkpoint and return; a second SIGINT aborts at once.
+
+Bit for bit holds on CPU. On GPUs, atomics in some kernels (flash attention's backward among them) make
+two runs differ in the last bits unless `train.deterministic = true` (see runtime.deterministic).
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from ..data.shards import MANIFEST_NAME
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
 from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
-from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
+from ..runtime import (
+    autocast_dtype,
+    deterministic,
+    deterministic_cublas,
+    needs_grad_scaler,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from ..tokenizer import Tokenizer, get_tokenizer
 from .build import check_same_tokenizer, fresh_model, model_from_checkpoint, pretrained_model
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
@@ -107,12 +119,20 @@ class Trainer:
     ) -> None:
         self.cfg, self.stop_at, self.progress = cfg, stop_at, progress
         t = cfg.train
+        cublas_in_time = deterministic_cublas() if t.deterministic else True  # before CUDA starts
         self.env = D.setup(t.device)
         self.device = self.env.device
+        if not cublas_in_time and self.device.type == "cuda":
+            raise GPT2LabError(
+                "train.deterministic: CUDA was already started in this process without CUBLAS_WORKSPACE_CONFIG; "
+                "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before starting Python"
+            )
         self.run_dir = Path(t.out_dir)
         self.grad_accum = gradient_accumulation(cfg, self.env.world_size)
         self.tokens_per_step = t.total_batch_tokens
         self.amp_dtype = autocast_dtype(t.precision, self.device)
+        # float16 gradients underflow without loss scaling; for bf16 and float32 the scaler does nothing.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype))
         if self.device.type == "cuda":
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
             torch.set_float32_matmul_precision("high")
@@ -159,7 +179,7 @@ class Trainer:
             )
         self.model = model.to(self.device)
         self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
-        self.peak = peak_flops(self.device)
+        self.peak = peak_flops(self.device, self.amp_dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.train_model: torch.nn.Module = self.model
         if t.compile:
@@ -230,6 +250,8 @@ class Trainer:
         self.skipped = int(state.get("skipped_steps", 0))
         best = state.get("best_val_loss")
         self.best_val = math.inf if best is None else float(best)
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         ranks = state["ranks"]
         mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else ranks[0]
         # The loader position is global (the same on every rank), so it carries over to another world size.
@@ -254,7 +276,8 @@ class Trainer:
                 self._evaluate()  # the pretrained model's val loss: what fine-tuning starts from
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
-                loss, norm, stop = self._train_step()
+                with deterministic(self.device) if t.deterministic else contextlib.nullcontext():
+                    loss, norm, stop = self._train_step()
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.tokens += self.tokens_per_step
@@ -318,21 +341,31 @@ class Trainer:
                 with self._autocast():
                     _, loss = self.train_model(x, y, return_logits=False)
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
-                loss.backward()
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         packed = torch.stack([loss_sum, self._flags[self.stop.requested]])
         D.all_reduce_sum(packed)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the clipping
         norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         # The step's one read from the device: the update is skipped when the loss or the norm is not finite.
         loss_sum_all, stop_votes, norm = torch.stack([packed[0], packed[1], norm_t.float()]).tolist()
         loss_mean, stop = loss_sum_all / self.env.world_size, stop_votes > 0
         if math.isfinite(loss_mean) and math.isfinite(norm):
-            self.optimizer.step()
+            self.optimizer.step()  # the scaler's step() would do the same, with one more device read
+        self.scaler.update()  # halves the scale after an overflow, grows it after a run of clean steps
         self.optimizer.zero_grad(set_to_none=True)
         return loss_mean, norm, stop
 
     def _nonfinite(self, loss: float, norm: float) -> None:
+        if math.isfinite(loss) and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0:
+            # float16 gradients overflowed: the scaler lowered its scale, the next step tries again
+            # (Micikevicius et al. 2018). Only infinities left at a scale below 1 mean divergence.
+            self.last_loss = loss
+            scale = self.scaler.get_scale()
+            message = f"float16 gradients overflowed at step {self.step}: update skipped, loss scale now {scale:g}"
+            self._log({"kind": "event", "step": self.step, "message": message})
+            return
         what = f"non-finite loss ({loss})" if not math.isfinite(loss) else f"non-finite gradient norm ({norm})"
         if self.skipped < self.cfg.train.skip_nonfinite:
             self.skipped += 1
@@ -406,6 +439,8 @@ class Trainer:
                 "optimizer": opt_meta,
                 "ranks": ranks,
             }
+            if self.scaler.is_enabled():
+                state["grad_scaler"] = self.scaler.state_dict()  # scale and growth tracker: plain numbers
             meta = {
                 "step": self.step,
                 "tokens": self.tokens,
