@@ -47,7 +47,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from gpt2lab.generate import generate
+    from gpt2lab.generate import SamplingParams, generate
+
+    greedy = SamplingParams(temperature=0)
 
     dtype = getattr(torch, args.dtype)
     hf, ours = build(dtype)
@@ -61,7 +63,7 @@ def main() -> None:
     for batch in args.batches:
 
         def run_ours(batch=batch):
-            return generate(ours, prompt[0].tolist(), n, temperature=0, num_samples=batch).tokens
+            return generate(ours, prompt[0].tolist(), n, sampling=greedy, num_samples=batch).tokens
 
         def run_hf(batch=batch):
             with torch.inference_mode():
@@ -77,7 +79,7 @@ def main() -> None:
         t_pack = time.perf_counter()
         packed = ours.pack_for_cpu_inference(batch)
         t_pack = time.perf_counter() - t_pack
-        generate(ours, prompt[0].tolist(), 8, temperature=0, num_samples=batch)  # warm-up
+        generate(ours, prompt[0].tolist(), 8, sampling=greedy, num_samples=batch)  # warm-up
         run_hf_short = hf.generate(prompt.expand(batch, -1), do_sample=False, max_new_tokens=8, pad_token_id=50256)
         del run_hf_short
         ours_times, hf_times = [], []

@@ -6,6 +6,8 @@ from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.generate import (
+    GenerationStats,
+    SamplingParams,
     TextStreamer,
     filter_top_k,
     filter_top_p,
@@ -25,7 +27,7 @@ def test_greedy_matches_transformers_generate(shape):
     prompt = torch.randint(0, 50257, (1, 12))
     with torch.no_grad():
         expected = hf.generate(prompt, do_sample=False, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
-    got = generate(ours, prompt[0].tolist(), max_new_tokens=40, temperature=0)
+    got = generate(ours, prompt[0].tolist(), max_new_tokens=40, sampling=SamplingParams(temperature=0))
     assert got.tokens[0] == expected[0, 12:].tolist()
 
 
@@ -35,7 +37,7 @@ def test_batched_greedy_matches_transformers_generate():
     prompt = torch.randint(0, 50257, (1, 5))
     with torch.no_grad():
         expected = hf.generate(prompt.expand(3, -1), do_sample=False, max_new_tokens=20, pad_token_id=0)
-    got = generate(ours, prompt[0].tolist(), max_new_tokens=20, temperature=0, num_samples=3)
+    got = generate(ours, prompt[0].tolist(), max_new_tokens=20, sampling=SamplingParams(temperature=0), num_samples=3)
     assert got.tokens == expected[:, 5:].tolist()
 
 
@@ -44,14 +46,14 @@ def test_cached_equals_uncached_including_window_slides(num_samples):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)).eval()
     prompt = torch.randint(0, 97, (20,)).tolist()  # longer than the window: cropped
-    cached = generate(model, prompt, 60, temperature=0, num_samples=num_samples)
-    uncached = generate(model, prompt, 60, temperature=0, num_samples=num_samples, use_cache=False)
+    greedy = SamplingParams(temperature=0)
+    cached = generate(model, prompt, 60, sampling=greedy, num_samples=num_samples)
+    uncached = generate(model, prompt, 60, sampling=greedy, num_samples=num_samples, use_cache=False)
     assert cached.tokens == uncached.tokens
     assert cached.stats.slides == uncached.stats.slides > 0
-    sampled = generate(model, prompt, 60, temperature=1.0, top_k=20, seed=3, num_samples=num_samples)
-    sampled_uncached = generate(
-        model, prompt, 60, temperature=1.0, top_k=20, seed=3, num_samples=num_samples, use_cache=False
-    )
+    top20 = SamplingParams(temperature=1.0, top_k=20, seed=3)
+    sampled = generate(model, prompt, 60, sampling=top20, num_samples=num_samples)
+    sampled_uncached = generate(model, prompt, 60, sampling=top20, num_samples=num_samples, use_cache=False)
     assert sampled.tokens == sampled_uncached.tokens
 
 
@@ -59,7 +61,7 @@ def test_window_semantics_each_token_sees_the_documented_context():
     torch.manual_seed(1)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=50)).eval()
     prompt = [1, 2, 3, 4, 5, 6]
-    out = generate(model, prompt, 12, temperature=0).tokens[0]
+    out = generate(model, prompt, 12, sampling=SamplingParams(temperature=0)).tokens[0]
     seq = list(prompt)
     start = 0
     for tok in out:
@@ -98,11 +100,11 @@ def test_top_p_on_a_hand_computed_distribution():
 def test_sampling_frequencies_follow_the_filtered_distribution():
     logits = torch.tensor([[0.5, 0.05, 0.25, 0.15, 0.05]]).log().expand(20000, -1)
     g = torch.Generator().manual_seed(0)
-    draws = sample_next(logits, temperature=1.0, top_p=0.8, generator=g)
+    draws = sample_next(logits, SamplingParams(temperature=1.0, top_p=0.8), generator=g)
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     expected = torch.tensor([0.5, 0.0, 0.25, 0.15, 0.0]) / 0.9
     assert (freq - expected).abs().max().item() < 0.015
-    hot = sample_next(torch.tensor([[2.0, 0.0]]).expand(20000, -1), temperature=0.5, generator=g)
+    hot = sample_next(torch.tensor([[2.0, 0.0]]).expand(20000, -1), SamplingParams(temperature=0.5), generator=g)
     p0 = 1 / (1 + math.exp(-4.0))  # softmax([4, 0])
     assert abs((hot == 0).float().mean().item() - p0) < 0.01
 
@@ -110,9 +112,9 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_seeded_sampling_is_reproducible():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=60)).eval()
-    a = generate(model, [1, 2, 3], 30, temperature=1.0, top_p=0.9, seed=123, num_samples=2)
-    b = generate(model, [1, 2, 3], 30, temperature=1.0, top_p=0.9, seed=123, num_samples=2)
-    c = generate(model, [1, 2, 3], 30, temperature=1.0, top_p=0.9, seed=124, num_samples=2)
+    a = generate(model, [1, 2, 3], 30, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=123), num_samples=2)
+    b = generate(model, [1, 2, 3], 30, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=123), num_samples=2)
+    c = generate(model, [1, 2, 3], 30, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=124), num_samples=2)
     assert a.tokens == b.tokens
     assert a.tokens != c.tokens
     assert a.tokens[0] != a.tokens[1]  # samples of one batch differ
@@ -121,11 +123,28 @@ def test_seeded_sampling_is_reproducible():
 def test_stop_at_eot_per_sample():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=32, vocab_size=5)).eval()
-    out = generate(model, [0], 25, temperature=1.0, seed=0, num_samples=4, eot_token=4)
+    out = generate(model, [0], 25, sampling=SamplingParams(temperature=1.0, seed=0, stop_token=4), num_samples=4)
     for tokens in out.tokens:
         assert 4 not in tokens[:-1]
         assert len(tokens) == 25 or tokens[-1] == 4
     assert any(len(t) < 25 for t in out.tokens)
+    # Decoding ran exactly as long as the longest sample.
+    assert out.stats.new_tokens == max(len(t) for t in out.tokens)
+
+
+def test_stream_text_stops_before_printing_the_stop_token():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64, vocab_size=50257)).eval()
+    tok = get_tokenizer()
+    # The stop token is whichever token the seeded run produces 5th, so it is sure to be met.
+    free = generate(model, [0], 10, sampling=SamplingParams(temperature=1.0, seed=2)).tokens[0]
+    stop = free[4]
+    first = free.index(stop)
+    sampling = SamplingParams(temperature=1.0, seed=2, stop_token=stop)
+    stats = GenerationStats()
+    streamed = "".join(stream_text(model, tok, [0], 10, sampling=sampling, stats=stats))
+    assert streamed == tok.decode(free[:first])
+    assert stats.new_tokens == first + 1
 
 
 def test_streamer_yields_only_whole_characters():
@@ -145,8 +164,9 @@ def test_stream_text_equals_batch_decode():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257)).eval()
     tok = get_tokenizer()
-    streamed = "".join(stream_text(model, tok, "Hello", 30, temperature=1.0, seed=5, stop_at_eot=False))
-    batch = generate(model, tok.encode("Hello"), 30, temperature=1.0, seed=5)
+    seeded = SamplingParams(temperature=1.0, seed=5)
+    streamed = "".join(stream_text(model, tok, "Hello", 30, sampling=seeded))
+    batch = generate(model, tok.encode("Hello"), 30, sampling=seeded)
     assert streamed == tok.decode(batch.tokens[0])
 
 
@@ -154,5 +174,7 @@ def test_generate_tokens_validates_arguments():
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=10)).eval()
     with pytest.raises(ValueError, match="prompt is empty"):
         next(generate_tokens(model, [], 3))
-    with pytest.raises(ValueError, match="top_p"):
-        generate(model, [1], 3, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
+        SamplingParams(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -0.5"):
+        SamplingParams(temperature=-0.5)

@@ -3,7 +3,8 @@
 >>> import gpt2lab
 >>> model = gpt2lab.load_model("gpt2")            # Hub name, HF directory or gpt2lab checkpoint
 >>> tok = gpt2lab.get_tokenizer()
->>> out = gpt2lab.generate(model, tok.encode("Hello"), max_new_tokens=20, temperature=0)
+>>> greedy = gpt2lab.SamplingParams(temperature=0)
+>>> out = gpt2lab.generate(model, tok.encode("Hello"), max_new_tokens=20, sampling=greedy)
 >>> print(tok.decode(out.tokens[0]))
 """
 
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 from .checkpoint import load_model, save_model
 from .config import PRESETS, GPTConfig
 from .errors import GPT2LabError
-from .generate import generate, generate_tokens, stream_text
+from .generate import SamplingParams, generate, generate_tokens, stream_text
 from .model import GPT, KVCache
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -24,6 +25,7 @@ __all__ = [
     "GPT2LabError",
     "GPTConfig",
     "KVCache",
+    "SamplingParams",
     "Tokenizer",
     "__version__",
     "generate",

@@ -102,14 +102,15 @@ def _run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t_start
 
     from .checkpoint import load_model
-    from .generate import generate
+    from .generate import SamplingParams, generate
     from .metrics import plot_runs
     from .tokenizer import get_tokenizer
 
     model, tok = load_model(out), get_tokenizer()
     print("\nsamples (temperature 0.8, top-k 200):")
     for i, text in enumerate(PROMPTS[name]):
-        gen = generate(model, tok.encode(text), 80, temperature=0.8, top_k=200, seed=i, eot_token=tok.eot_token)
+        sampling = SamplingParams(temperature=0.8, top_k=200, seed=i, stop_token=tok.eot_token)
+        gen = generate(model, tok.encode(text), 80, sampling=sampling)
         tokens = [t for t in gen.tokens[0] if t != tok.eot_token]
         print(f"---\n{text}{tok.decode(tokens)}")
     plot = plot_runs([out], out / "loss.png")

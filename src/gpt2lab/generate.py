@@ -44,20 +44,37 @@ def filter_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is chosen, and when a sample ends; passed as `sampling=` to every
+    generation function.
+
+    temperature: 0 is greedy (argmax); top_k: keep the k most likely tokens (None or 0 = off);
+    top_p: nucleus mass in (0, 1] (None or 1 = off); seed: a private generator's seed (None = torch's
+    global RNG); stop_token: a sample ends at (and keeps) its first occurrence, None = never.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and self.top_p <= 0.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
 def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Next token per row from (B, V) logits; temperature 0 is greedy (argmax). Returns (B,) int64."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    logits = filter_top_p(filter_top_k(logits, top_k), top_p)
+    logits = logits.float() / sampling.temperature
+    logits = filter_top_p(filter_top_k(logits, sampling.top_k), sampling.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
@@ -80,7 +97,7 @@ class GenerationStats:
 
 @dataclass
 class Generation:
-    """Per-sample new tokens (without the prompt), cut after `<|endoftext|>` when stopping on it."""
+    """Per-sample new tokens (without the prompt), each ending at its stop token when it met one."""
 
     tokens: list[list[int]]
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -90,22 +107,21 @@ def generate_tokens(
     model: GPT,
     prompt: Sequence[int],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    sampling: SamplingParams = SamplingParams(),
     num_samples: int = 1,
-    seed: int | None = None,
     use_cache: bool = True,
     stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on the model's device, step by step.
 
-    All samples share the prompt and are decoded as one batch. Stopping (at `<|endoftext|>` or
-    otherwise) is the caller's choice: break out of the loop.
+    All samples share the prompt and are decoded as one batch. With `sampling.stop_token` set, decoding
+    ends once every sample has produced it (samples that ended earlier keep being decoded meanwhile);
+    any other stopping is the caller's choice: break out of the loop.
     """
     # On CPU, decoding reads every weight for each token: use oneDNN-packed weights (see Linear).
     model.pack_for_cpu_inference(num_samples)
-    yield from _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache, stats)
+    yield from _decode(model, prompt, max_new_tokens, sampling, num_samples, use_cache, stats)
 
 
 @torch.inference_mode()
@@ -113,11 +129,8 @@ def _decode(
     model: GPT,
     prompt: Sequence[int],
     max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
+    sampling: SamplingParams,
     num_samples: int,
-    seed: int | None,
     use_cache: bool,
     stats: GenerationStats | None,
 ) -> Iterator[torch.Tensor]:
@@ -129,9 +142,9 @@ def _decode(
     block = model.config.block_size
     keep = max(1, block // 2)
     generator = None
-    if seed is not None:
+    if sampling.seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        generator.manual_seed(sampling.seed)
     stats = stats if stats is not None else GenerationStats()
     stats.num_samples = num_samples
     prompt_t = torch.tensor(list(prompt)[-block:], dtype=torch.long, device=device)
@@ -141,6 +154,9 @@ def _decode(
     cache = None
     if use_cache:
         cache = KVCache(model.config, num_samples, device=device, dtype=model.lm_head.weight.dtype)
+    stopped = None
+    if sampling.stop_token is not None:
+        stopped = torch.zeros(num_samples, dtype=torch.bool, device=device)  # (S,)
 
     def window_logits(new_start: int) -> torch.Tensor:
         if cache is not None:
@@ -153,13 +169,17 @@ def _decode(
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (S,)
+        nxt = sample_next(logits, sampling, generator)  # (S,)
         seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
         stats.new_tokens = step + 1
         stats.decode_seconds = time.perf_counter() - t0
         yield nxt
         if step + 1 == max_new_tokens:
             break
+        if stopped is not None:
+            stopped |= nxt == sampling.stop_token
+            if bool(stopped.all()):
+                break
         if seq.size(1) - start > block:  # the window is full: slide it
             start = seq.size(1) - keep
             stats.slides += 1
@@ -175,28 +195,24 @@ def generate(
     model: GPT,
     prompt: Sequence[int],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    sampling: SamplingParams = SamplingParams(),
     num_samples: int = 1,
-    seed: int | None = None,
-    eot_token: int | None = None,
     use_cache: bool = True,
 ) -> Generation:
-    """Generate up to `max_new_tokens` per sample. With `eot_token` set, a sample ends at (and keeps)
-    its first `<|endoftext|>`, and decoding stops once every sample has ended."""
+    """Generate up to `max_new_tokens` per sample. With `sampling.stop_token` set, a sample ends at
+    (and keeps) its first stop token, and decoding stops once every sample has ended."""
     stats = GenerationStats()
     outs: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
+    stop = sampling.stop_token
     for nxt in generate_tokens(
-        model, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache, stats
+        model, prompt, max_new_tokens, sampling=sampling, num_samples=num_samples, use_cache=use_cache, stats=stats
     ):
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 outs[i].append(t)
-                done[i] = eot_token is not None and t == eot_token
-        if all(done):
-            break
+                done[i] = stop is not None and t == stop
     return Generation(outs, stats)
 
 
@@ -223,20 +239,17 @@ def stream_text(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_at_eot: bool = True,
+    *,
+    sampling: SamplingParams = SamplingParams(),
     stats: GenerationStats | None = None,
 ) -> Iterator[str]:
     """Yield the continuation of one prompt as text, piece by piece, each piece ending on a whole
-    UTF-8 character (see TextStreamer)."""
+    UTF-8 character (see TextStreamer). The stop token, if `sampling` names one, is not printed."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     streamer = TextStreamer(tokenizer)
-    for nxt in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, 1, seed, True, stats):
+    for nxt in generate_tokens(model, ids, max_new_tokens, sampling=sampling, stats=stats):
         token = int(nxt[0])
-        if stop_at_eot and token == tokenizer.eot_token:
+        if token == sampling.stop_token:
             break
         piece = streamer.push(token)
         if piece:

@@ -13,7 +13,7 @@ import sys
 
 from ..checkpoint import load_model_and_tokenizer
 from ..errors import GPT2LabError
-from ..generate import GenerationStats, generate, stream_text
+from ..generate import GenerationStats, SamplingParams, generate, stream_text
 from ..runtime import resolve_device, resolve_dtype
 
 
@@ -60,39 +60,24 @@ def run(args: argparse.Namespace) -> int:
     )
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_token]
-    top_k = args.top_k or None
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=seed,
+        stop_token=None if args.ignore_eot else tok.eot_token,
+    )
     out = sys.stdout
     stats = GenerationStats()
     if args.num_samples == 1 and not args.no_stream:
         out.write(args.prompt)
         out.flush()
-        for piece in stream_text(
-            model,
-            tok,
-            prompt_ids,
-            args.max_new_tokens,
-            args.temperature,
-            top_k,
-            args.top_p,
-            seed,
-            stop_at_eot=not args.ignore_eot,
-            stats=stats,
-        ):
+        for piece in stream_text(model, tok, prompt_ids, args.max_new_tokens, sampling=sampling, stats=stats):
             out.write(piece)
             out.flush()
         out.write("\n")
     else:
-        result = generate(
-            model,
-            prompt_ids,
-            args.max_new_tokens,
-            args.temperature,
-            top_k,
-            args.top_p,
-            num_samples=args.num_samples,
-            seed=seed,
-            eot_token=None if args.ignore_eot else tok.eot_token,
-        )
+        result = generate(model, prompt_ids, args.max_new_tokens, sampling=sampling, num_samples=args.num_samples)
         stats = result.stats
         for i, tokens in enumerate(result.tokens):
             if tokens and tokens[-1] == tok.eot_token and not args.ignore_eot:

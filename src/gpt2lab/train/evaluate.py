@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GPT2LabError
-from ..generate import generate
+from ..generate import SamplingParams, generate
 from ..model import GPT
 from ..runtime import rng_state, set_rng_state
 from ..tokenizer import Tokenizer
@@ -114,7 +114,7 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: i
     model.eval()
     try:
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
-        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed, eot_token=None)
+        out = generate(model, ids, max_new_tokens, sampling=SamplingParams(temperature=0.8, top_k=200, seed=seed))
     finally:
         model.train(was_training)
     return tokenizer.decode(out.tokens[0])
