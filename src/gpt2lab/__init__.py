@@ -6,18 +6,34 @@
 >>> greedy = gpt2lab.SamplingParams(temperature=0)
 >>> out = gpt2lab.generate(model, tok.encode("Hello"), max_new_tokens=20, sampling=greedy)
 >>> print(tok.decode(out.tokens[0]))
+
+The names below are imported on first use (PEP 562), so `import gpt2lab` costs only what it uses:
+the CLI's `--help`, data preparation and its worker processes never load torch.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
 
-from .checkpoint import load_model, save_model
-from .config import PRESETS, GPTConfig
-from .errors import GPT2LabError
-from .generate import SamplingParams, generate, generate_tokens, stream_text
-from .model import GPT, KVCache
-from .tokenizer import Tokenizer, get_tokenizer
+from ._lazy import lazy_exports
+from ._version import __version__
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "GPT": "model",
+    "KVCache": "model",
+    "GPTConfig": "config",
+    "PRESETS": "config",
+    "GPT2LabError": "errors",
+    "SamplingParams": "generate",
+    "generate": "generate",
+    "generate_tokens": "generate",
+    "stream_text": "generate",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "Tokenizer": "tokenizer",
+    "get_tokenizer": "tokenizer",
+}
 
 __all__ = [
     "GPT",
@@ -35,3 +51,14 @@ __all__ = [
     "save_model",
     "stream_text",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint import load_model, save_model
+    from .config import PRESETS, GPTConfig
+    from .errors import GPT2LabError
+    from .generate import SamplingParams, generate, generate_tokens, stream_text
+    from .model import GPT, KVCache
+    from .tokenizer import Tokenizer, get_tokenizer
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
 from .config import GPTConfig
 from .errors import GPT2LabError
-from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, fsync_dir
+from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, fsync_dir, load_safetensors
 from .model import GPT
 from .tokenizer import Tokenizer, copy_tokenizer_files, get_tokenizer, tokenizer_from_record
 
@@ -32,12 +33,6 @@ FORMAT_VERSION = 1
 CHECKPOINTS_SUBDIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TOKENIZER_SUBDIR = "tokenizer"
-
-
-def package_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def model_weights(model: GPT) -> dict[str, torch.Tensor]:
@@ -65,7 +60,7 @@ def write_model_files(
     meta = {
         "format": "gpt2lab",
         "format_version": FORMAT_VERSION,
-        "gpt2lab_version": package_version(),
+        "gpt2lab_version": __version__,
         "model": model.config.to_dict(),
         "tokenizer": tokenizer_info,
         **(extra or {}),
@@ -145,8 +140,6 @@ def load_checkpoint_model(
         config = GPTConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise GPT2LabError(f"{folder / META_FILE}: bad model description ({e})") from None
-    from .hf import load_safetensors
-
     sd = load_safetensors(folder / WEIGHTS_FILE)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
@@ -297,8 +290,6 @@ def load_training_checkpoint(
             f"{folder} is not a complete training checkpoint ({META_FILE}, {OPTIMIZER_FILE}, {TRAINER_FILE}); "
             "to start from its weights with a fresh optimizer use --init-from instead"
         )
-    from .hf import load_safetensors
-
     meta = read_meta(folder)
     try:
         trainer_state = json.loads((folder / TRAINER_FILE).read_text())

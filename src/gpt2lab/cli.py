@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import GPT2LabError
 
 # Subcommand name -> module in gpt2lab.commands that defines `add_arguments(parser)` and `run(args)`.

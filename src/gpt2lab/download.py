@@ -1,16 +1,23 @@
-"""Fetching a public file once into gpt2lab's cache (Tiny Shakespeare, HellaSwag, ...)."""
+"""gpt2lab's download cache, and fetching a public file into it once (HellaSwag, corpora, ...)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .errors import GPT2LabError
-from .fileio import atomic_open
-from .runtime import cache_dir
+from .fileio import atomic_open, file_sha256
+
+
+def cache_dir() -> Path:
+    """gpt2lab's download cache: $GPT2LAB_CACHE, else $XDG_CACHE_HOME/gpt2lab, else ~/.cache/gpt2lab."""
+    env = os.environ.get("GPT2LAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "gpt2lab"
 
 
 def cached_download(url: str, name: str, sha256: str | None = None, timeout: float = 30.0) -> Path:
@@ -22,6 +29,11 @@ def cached_download(url: str, name: str, sha256: str | None = None, timeout: flo
     path = cache_dir() / name
     if path.is_file() and (sha256 is None or file_sha256(path) == sha256):
         return path
+    # Imported here: urllib.request costs more to import than the rest of this module, and a file
+    # already in the cache needs none of it.
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -46,12 +58,3 @@ def cached_download(url: str, name: str, sha256: str | None = None, timeout: flo
             f"could not download {url} ({reason}); download it yourself and pass its local path, or place it at {path}"
         ) from None
     return path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, read 1 MiB at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

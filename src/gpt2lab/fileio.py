@@ -1,4 +1,4 @@
-"""Crash-safe file writing.
+"""Crash-safe file writing, and the few ways gpt2lab reads its own files back (sha256, safetensors).
 
 Every file gpt2lab writes goes to a temporary name in the same directory, is fsynced, and is then
 renamed over the final name (rename is atomic on POSIX). A kill at any instant therefore leaves either
@@ -9,13 +9,19 @@ temporary name, fsynced, renamed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import GPT2LabError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -77,6 +83,26 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
 
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write_bytes(path, save(flat, metadata=metadata))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU; a corrupt or truncated file is a GPT2LabError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GPT2LabError(f"cannot read {path}: {e} (the file is corrupt or truncated; download it again)") from None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import GPT2LabError
-from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_safetensors
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -175,16 +175,6 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GPT2LabError(f"cannot read {path}: {e} (the file is corrupt or truncated; download it again)") from None
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load_model_and_tokenizer, save_model
-from ..hf import export_hf
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
@@ -26,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_model_and_tokenizer, save_model
+    from ..hf import export_hf
+
     if args.from_hf:
         model, tok = load_model_and_tokenizer(args.from_hf, tokenizer=args.tokenizer)
         save_model(model, args.out, tok, overwrite=args.overwrite)

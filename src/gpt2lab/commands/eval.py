@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._version import __version__
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_json
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                     "world_size": dist.world_size,
                     "batch_size": args.batch_size,
                     "seconds": round(seconds, 3),
-                    "gpt2lab_version": _version(),
+                    "gpt2lab_version": __version__,
                 },
             }
             _print_table(args, model, rows, report, seconds)
@@ -124,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _hellaswag(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    from ..download import file_sha256
     from ..eval import hellaswag
     from ..eval.references import HELLASWAG_GPT2_CHECKPOINTS, HELLASWAG_REFERENCES
+    from ..fileio import file_sha256
 
     path = hellaswag.validation_file(args.data, dist.rank, dist.world_size)
     items = hellaswag.read_items(path, args.limit)
@@ -263,12 +264,6 @@ def _model_info(source: str, model, tok) -> dict[str, Any]:
         "config": model.config.to_dict(),
         "tokenizer": tok.info(),
     }
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _print_table(args, model, rows: list[tuple[str, str]], report: dict[str, Any], seconds: float) -> None:

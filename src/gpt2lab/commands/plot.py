@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..metrics import plot_runs
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
@@ -21,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..metrics import plot_runs
+
     out = args.out or (Path(args.runs[0]) / "loss.png" if len(args.runs) == 1 else Path("compare.png"))
     path = plot_runs(args.runs, out, x=args.x)
     print(f"wrote {path}")

@@ -11,10 +11,7 @@ import argparse
 import random
 import sys
 
-from ..checkpoint import load_model_and_tokenizer
 from ..errors import GPT2LabError
-from ..generate import GenerationStats, SamplingParams, generate, stream_text
-from ..runtime import resolve_device, resolve_dtype
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +51,10 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from ..checkpoint import load_model_and_tokenizer
+    from ..generate import GenerationStats, SamplingParams, generate, stream_text
+    from ..runtime import resolve_device, resolve_dtype
+
     device = resolve_device(args.device)
     model, tok = load_model_and_tokenizer(
         args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer

@@ -26,7 +26,7 @@ from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
 from ..tokenizer import get_tokenizer
 from ..tokenizer_train import PATTERNS, corpus_stats, describe, json_dump, save_trained, train_bpe
-from .prepare import add_ext_argument, parse_count, report_skipped
+from .args import add_ext_argument, parse_count, report_skipped
 
 if TYPE_CHECKING:
     from ..data.sources import Source

@@ -9,21 +9,52 @@
 The pipeline itself is `gpt2lab.data.prepare.prepare(PrepareOptions(...))` (the module keeps its name).
 """
 
-from .loader import ShardLoader
-from .prepare import PrepareOptions, PrepareResult
-from .shards import (
-    ShardInfo,
-    TokenSequence,
-    check_tokenizer,
-    data_tokenizer,
-    open_shard,
-    open_split_tokens,
-    read_header,
-    read_manifest,
-    read_shard,
-    split_shard_paths,
-    write_shard,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+# Public name -> the module that defines it, imported on first use (PEP 562): preparing data and its
+# worker processes never load the loader's torch.
+_EXPORTS = {
+    "ShardLoader": "loader",
+    "PrepareOptions": "prepare",
+    "PrepareResult": "prepare",
+    **{
+        name: "shards"
+        for name in (
+            "ShardInfo",
+            "TokenSequence",
+            "check_tokenizer",
+            "data_tokenizer",
+            "open_shard",
+            "open_split_tokens",
+            "read_header",
+            "read_manifest",
+            "read_shard",
+            "split_shard_paths",
+            "write_shard",
+        )
+    },
+}
+
+if TYPE_CHECKING:
+    from .loader import ShardLoader
+    from .prepare import PrepareOptions, PrepareResult
+    from .shards import (
+        ShardInfo,
+        TokenSequence,
+        check_tokenizer,
+        data_tokenizer,
+        open_shard,
+        open_split_tokens,
+        read_header,
+        read_manifest,
+        read_shard,
+        split_shard_paths,
+        write_shard,
+    )
 
 __all__ = [
     "PrepareOptions",
@@ -41,3 +72,6 @@ __all__ = [
     "split_shard_paths",
     "write_shard",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_json, fsync_dir
 from ..tokenizer import Tokenizer, copy_tokenizer_files, get_tokenizer

@@ -24,9 +24,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..download import file_sha256
 from ..errors import GPT2LabError
-from ..fileio import atomic_open
+from ..fileio import atomic_open, file_sha256
 
 MAGIC = 20240520
 VERSION = 1

@@ -33,8 +33,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..download import cache_dir
 from ..errors import GPT2LabError
-from ..fileio import atomic_open
+from ..fileio import atomic_open, file_sha256
 from .text import DocumentPieces, Utf8Decoder
 
 Piece = tuple[str, bool, int]
@@ -559,10 +560,6 @@ def bundled_text(preset: Preset) -> Path:
     damaged cache copy is replaced and a damaged package is an error, never a silently different
     corpus. The copy is written to a temporary name and renamed, so concurrent first uses are safe.
     """
-    # Imported here: runtime (cache_dir) imports torch, which reading plain files does not need.
-    from ..download import file_sha256
-    from ..runtime import cache_dir
-
     assert preset.bundled is not None and preset.sha256 is not None
     path = cache_dir() / f"{preset.name}.txt"
     if path.is_file() and file_sha256(path) == preset.sha256:
