@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/train_cpu.py
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
