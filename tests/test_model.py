@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt2lab.config import PRESETS, GPTConfig
-from gpt2lab.model import GPT, KVCache, Linear, count_parameters
+from gpt2lab.model import GPT, KVCache, Linear, count_parameters, unwrap
 
 
 def test_gpt2_preset_has_124439808_parameters():
@@ -172,3 +172,18 @@ def test_config_round_trip_and_unknown_fields():
     with pytest.raises(ValueError, match="unknown model preset"):
         GPTConfig.from_preset("gpt5")
     assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+
+
+def test_unwrap_finds_the_gpt_inside_ddp_and_compile_wrappers():
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
+
+    class DDPLike(torch.nn.Module):  # DistributedDataParallel keeps the wrapped model as `.module`
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    compiled = torch.compile(model, backend="eager")  # wrapping only: nothing is compiled until called
+    assert unwrap(model) is model
+    assert unwrap(compiled) is model
+    assert unwrap(DDPLike(model)) is model
+    assert unwrap(DDPLike(compiled)) is model

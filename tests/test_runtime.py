@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.runtime import autocast_dtype, cpu_has_fast_bf16, needs_grad_scaler
+from gpt2lab.runtime import autocast, autocast_dtype, cpu_has_fast_bf16, needs_grad_scaler
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -94,3 +94,12 @@ def test_cpu_bf16_probe_without_the_variable(monkeypatch, avx512_bf16, amx, expe
     assert autocast_dtype("auto", CPU) == (torch.bfloat16 if expected else None)
     monkeypatch.setenv("GPT2LAB_CPU_BF16", "")  # empty counts as unset
     assert cpu_has_fast_bf16() is expected
+
+
+def test_autocast_is_a_no_op_without_a_dtype():
+    a, b = torch.ones(4, 4), torch.ones(4, 4)
+    with autocast(CPU, None):
+        assert (a @ b).dtype == torch.float32
+    with autocast(CPU, torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+    assert (a @ b).dtype == torch.float32

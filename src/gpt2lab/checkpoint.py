@@ -24,7 +24,7 @@ from ._version import __version__
 from .config import GPTConfig
 from .errors import GPT2LabError
 from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, fsync_dir, load_safetensors
-from .model import GPT
+from .model import GPT, unwrap
 from .tokenizer import Tokenizer, copy_tokenizer_files, get_tokenizer, tokenizer_from_record
 
 META_FILE = "gpt2lab.json"
@@ -37,7 +37,7 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def model_weights(model: GPT) -> dict[str, torch.Tensor]:
     """The tensors to store: every parameter once (the tied lm_head is the embedding)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = unwrap(model)
     return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
@@ -49,7 +49,7 @@ def write_model_files(
     A trained tokenizer (one with its own directory) is copied into `tokenizer/`, so the checkpoint
     carries everything `sample`, `eval` and `convert` need; GPT-2's is recorded by name and hash.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if isinstance(tokenizer, Tokenizer):
         tokenizer_info = tokenizer.info()
         if tokenizer.path is not None:

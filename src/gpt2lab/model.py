@@ -325,3 +325,10 @@ def count_parameters(config: GPTConfig) -> int:
     C, L, V, P = config.n_embd, config.n_layer, config.vocab_size, config.block_size
     per_layer = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
     return V * C + P * C + L * per_layer + 2 * C
+
+
+def unwrap(model: nn.Module) -> GPT:
+    """The plain GPT inside a DistributedDataParallel and/or torch.compile wrapper (or `model` itself):
+    the module whose parameters, state_dict names and forward hooks are the model's own."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule

@@ -36,6 +36,7 @@ from typing import Any
 from ..download import cache_dir
 from ..errors import GPT2LabError
 from ..fileio import atomic_open, file_sha256
+from ..jsonl import read_jsonl
 from .text import DocumentPieces, Utf8Decoder
 
 Piece = tuple[str, bool, int]
@@ -283,20 +284,12 @@ class FileSource(Source):
         decoder = Utf8Decoder()
         field_name = self.text_field
         with _open_input(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                line = decoder.decode_whole(raw)
-                if not line.strip():
-                    yield from self._count(iter(()), len(raw))
+            for line in read_jsonl(f, path, "one JSON object", decode=decoder.decode_whole):
+                if line.blank:
+                    yield from self._count(iter(()), line.size)
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GPT2LabError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line of a "
-                        "JSONL file must be one JSON object"
-                    ) from None
-                text = _field(record, field_name, f"{path}:{lineno}")
-                yield from self._count(doc.whole(text), len(raw))
+                text = _field(line.record, field_name, line.where)
+                yield from self._count(doc.whole(text), line.size)
         self._note_replacements(path, decoder)
 
     def _parquet_pieces(self, path: Path, doc: DocumentPieces) -> Iterator[Piece]:

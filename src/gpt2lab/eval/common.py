@@ -16,13 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GPT2LabError
-from ..model import KVCache
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain GPT inside a DistributedDataParallel and/or torch.compile wrapper."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
+from ..model import KVCache, unwrap
 
 
 def check_vocab(model: nn.Module, tokenizer, source: str = "the model") -> None:
@@ -47,13 +41,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     finally:
         if was_training:
             model.train()
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast to `dtype` on `device`, or a no-op when `dtype` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def hidden_at(

@@ -26,7 +26,6 @@ Under torchrun, rank r scores items r, r + W, ... and the counts are summed over
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,10 @@ import torch.nn as nn
 from ..distributed import all_reduce_sum, barrier
 from ..download import cached_download
 from ..errors import GPT2LabError
-from ..model import KVCache
-from .common import autocast, check_vocab, evaluating, logits_at, token_losses, unwrap
+from ..jsonl import read_jsonl
+from ..model import KVCache, unwrap
+from ..runtime import autocast
+from .common import check_vocab, evaluating, logits_at, token_losses
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_NAME = "hellaswag_val.jsonl"
@@ -139,26 +140,11 @@ def read_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
     items: list[Item] = []
     try:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            for line in read_jsonl(f, path, "one HellaSwag item with ctx, endings and label"):
+                if not line.blank:
+                    items.append(parse_item(line.record, line.where))
                 if limit is not None and len(items) >= limit:
-                    break
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise GPT2LabError(
-                        f"{where}: not UTF-8 text (byte {e.start}); is this a HellaSwag JSONL file?"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GPT2LabError(
-                        f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one HellaSwag "
-                        "item with ctx, endings and label"
-                    ) from None
-                items.append(parse_item(record, where))
+                    break  # before the next line is read: what lies past the limit is never parsed
     except OSError as e:
         raise GPT2LabError(f"cannot read HellaSwag file {path}: {e.strerror or e}") from None
     if not items:

@@ -32,15 +32,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data.sources import HF_PREFIX
 from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
-from .common import autocast, evaluating, hidden_at, token_nll, unwrap
+from ..model import unwrap
+from ..runtime import autocast
+from .common import evaluating, hidden_at, token_nll
 
 # Corpora known by name: WikiText-2's test split as Hugging Face's guide reads it.
 NAMED_CORPORA: dict[str, dict[str, str]] = {
     "wikitext-2": {"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "test"},
 }
-HF_PREFIX = "hf:"
 DEFAULT_JOIN = "\n\n"
 
 

@@ -26,7 +26,9 @@ import torch.nn as nn
 
 from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
-from .common import autocast, evaluating, hidden_at, token_nll, unwrap
+from ..model import unwrap
+from ..runtime import autocast
+from .common import evaluating, hidden_at, token_nll
 
 # build-nanogpt's validation budget: val_loss_steps 20 x B 64 x T 1024 on 8 ranks.
 DEFAULT_MAX_TOKENS = 20 * 64 * 1024 * 8

@@ -42,6 +42,7 @@ from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
 from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
 from ..runtime import (
+    autocast,
     autocast_dtype,
     deterministic,
     deterministic_cublas,
@@ -338,7 +339,7 @@ class Trainer:
                 else self.train_model.no_sync()
             )
             with sync:
-                with self._autocast():
+                with autocast(self.device, self.amp_dtype):
                     _, loss = self.train_model(x, y, return_logits=False)
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
                 self.scaler.scale(loss).backward()
@@ -466,11 +467,6 @@ class Trainer:
             raise GPT2LabError(error)
 
     # ------------------------------------------------------------------------------------- output
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _progress_bar(self):
         if not (self.progress and self.env.is_main):
