@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "eval",
     "train": "train",
     "plot": "plot",
+    "serve": "serve",
 }
 
 EXIT_USER_ERROR = 1

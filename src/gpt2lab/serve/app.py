@@ -1,0 +1,196 @@
+"""The HTTP side: a FastAPI app in front of the engine.
+
+Routes: `GET /` (the playground), `GET /health`, `GET /v1/models`, `POST /v1/completions` (JSON, or
+server-sent events with `stream: true`). Request handlers run on uvicorn's event loop; the engine runs
+on its own thread and hands each event back with `loop.call_soon_threadsafe`, so a slow client never
+holds up the decode loop and the loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from .engine import Engine, Event, Group, QueueFull
+from .protocol import APIError, Choice, Limits, Plan, envelope, parse_body, plan, usage
+
+STATIC = resources.files("gpt2lab.serve") / "static"
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+
+
+def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    """The app serving `engine`'s models. With `api_key`, every /v1 route needs `Authorization: Bearer KEY`."""
+    limits = limits or Limits()
+    app = FastAPI(title="gpt2lab", docs_url=None, redoc_url=None, openapi_url=None)
+    models = {name: (r.tokenizer, r.context) for name, r in engine.runners.items()}
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, e: Exception) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        err = APIError(404, f"no route {where}; see GET /v1/models and POST /v1/completions")
+        return JSONResponse(err.body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def bad_method(request: Request, e: Exception) -> JSONResponse:
+        err = APIError(405, f"{request.method} is not allowed on {request.url.path}")
+        return JSONResponse(err.body(), status_code=405)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(
+                401,
+                "missing API key: send the header 'Authorization: Bearer KEY' with the key the server was started with",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        if "/" in name or suffix not in STATIC_TYPES or not (STATIC / name).is_file():
+            raise APIError(404, f"no static file {name!r}")
+        return Response((STATIC / name).read_bytes(), media_type=STATIC_TYPES[suffix])
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "models": list(models),
+            "running": engine.running_count(),
+            "waiting": engine.waiting_count(),
+        }
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_key(request)
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "gpt2lab", "context_length": ctx}
+                for name, (_, ctx) in models.items()
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_key(request)
+        p = plan(parse_body(await request.body()), models, limits)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(ev: Event) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        groups = [
+            Group(
+                model=p.model,
+                prompt=ids,
+                n=p.n,
+                first_choice=i * p.n,
+                max_tokens=p.max_tokens,
+                sampling=p.sampling,
+                stop=p.stop,
+                logprobs=p.logprobs,
+                echo_logprobs=p.echo and p.logprobs is not None,
+                emit=emit,
+            )
+            for i, ids in enumerate(p.prompts)
+        ]
+        try:
+            engine.submit(groups)
+        except QueueFull as e:
+            raise APIError(503, str(e), type="server_error", code="server_busy") from None
+        tok = models[p.model][0]
+        choices = [
+            Choice(i, p.prompt_texts[i // p.n] if p.echo else "", p.logprobs is not None, tok)
+            for i in range(len(p.prompts) * p.n)
+        ]
+        if p.stream:
+            return StreamingResponse(
+                _stream(engine, groups, p, choices, queue),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await _collect(engine, groups, p, choices, queue, request)
+
+    return app
+
+
+async def _collect(
+    engine: Engine, groups: list[Group], p: Plan, choices: list[Choice], queue: asyncio.Queue[Event], request: Request
+) -> JSONResponse:
+    """Wait for every choice to finish; a client that hangs up meanwhile frees its slots."""
+    done = 0
+    try:
+        while done < len(choices):
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)
+                continue
+            if ev.error is not None:
+                raise APIError(500, ev.error, type="server_error")
+            choices[ev.choice].add(ev)
+            done += ev.finish_reason is not None
+    finally:
+        if done < len(choices):
+            engine.cancel(groups)
+    body = envelope(p, [c.json() for c in choices])
+    body["usage"] = usage(p, choices)
+    return JSONResponse(body)
+
+
+async def _stream(
+    engine: Engine, groups: list[Group], p: Plan, choices: list[Choice], queue: asyncio.Queue[Event]
+) -> AsyncIterator[str]:
+    """Server-sent events: one `data: {chunk}` per event, then `data: [DONE]`. When the client goes
+    away, Starlette cancels this generator and the `finally` frees the request's slots at once."""
+    done = 0
+    started = [False] * len(choices)
+    try:
+        while done < len(choices):
+            ev = await queue.get()
+            if ev.error is not None:
+                yield _sse({"error": APIError(500, ev.error, type="server_error").body()["error"]})
+                break
+            part = choices[ev.choice].add(ev)
+            if not started[ev.choice]:
+                started[ev.choice] = True
+                if p.echo:
+                    part["text"] = p.prompt_texts[ev.choice // p.n] + part["text"]
+            done += ev.finish_reason is not None
+            yield _sse(envelope(p, [part]))
+        else:
+            if p.include_usage:
+                yield _sse({**envelope(p, []), "usage": usage(p, choices)})
+            yield "data: [DONE]\n\n"
+    finally:
+        if done < len(choices):
+            engine.cancel(groups)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

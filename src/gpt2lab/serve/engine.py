@@ -1,0 +1,340 @@
+"""The scheduler: every model's running sequences decoded together, one step at a time, on one thread.
+
+A request becomes one `Group` per prompt (its `n` choices share the prompt). Groups wait in a bounded
+queue; between two decode steps the engine drops the sequences whose client went away, admits waiting
+groups into free slots of the model's `SlotPool` (prefilling each prompt alone, exactly as `generate`
+does), then runs one `decode_step` over all of that model's running sequences. A sequence leaves as
+soon as it ends, so a short request never waits for a long one.
+
+Each choice draws from its own `torch.Generator`, seeded from the request (or at random), through the
+same `sample_next` that `gpt2lab sample` uses; what other requests do never touches its random stream.
+
+Results go back as `Event`s through a callback that the HTTP layer hands over with each group; it is
+called on the engine thread and must not block.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import SamplingParams, TextStreamer, sample_next
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from .batch import SlotPool, decode_step, prefill, prompt_logprobs
+
+
+class QueueFull(Exception):
+    """The waiting queue cannot take the request; the client should retry later."""
+
+
+@dataclass
+class TokenInfo:
+    """One token as the `logprobs` field reports it: its text, its log-probability and the top N."""
+
+    token: int
+    text: str
+    logprob: float | None
+    top: list[tuple[str, float]] | None
+
+
+@dataclass
+class Event:
+    """What one choice produced since its last event: text released to the client (possibly empty),
+    the tokens behind it, and on the last event the finish reason ("stop" or "length") or an error."""
+
+    choice: int
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Group:
+    """One prompt of a request and its `n` choices, numbered from `first_choice`."""
+
+    model: str
+    prompt: list[int]
+    n: int
+    first_choice: int
+    max_tokens: int
+    sampling: SamplingParams  # seed is the first choice's; choice j draws from seed + j
+    stop: list[str]
+    logprobs: int | None  # top-N alternatives to report per token; None = no logprobs
+    echo_logprobs: bool  # also report the prompt tokens' log-probabilities
+    emit: Callable[[Event], None]
+    cancelled: bool = False
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop string, and finds the first one that completes."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add text; returns (text safe to release, whether a stop string was found)."""
+        self.pending += piece
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0  # the longest tail of the pending text that begins some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token's text; bytes that are not whole UTF-8 characters are written `bytes:\\xNN` as OpenAI does."""
+    raw = tokenizer.decode_bytes([token])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@dataclass
+class _Running:
+    group: Group
+    choice: int
+    slot: int
+    pos: int  # positions of the slot already filled
+    last: int  # the token to feed next
+    generator: torch.Generator
+    streamer: TextStreamer
+    matcher: StopMatcher
+    generated: int = 0
+
+
+class ModelRunner:
+    """One model, its tokenizer, its slot pool, and the sequences it is decoding."""
+
+    def __init__(self, name: str, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.context = model.config.block_size
+        # On CPU the decode step reads every weight per step: oneDNN-packed weights (model.py, Linear).
+        model.pack_for_cpu_inference(max_batch)
+        self.pool = SlotPool(model.config, max_batch, model.device, model.lm_head.weight.dtype)
+        self.free = list(range(max_batch - 1, -1, -1))
+        self.waiting: collections.deque[Group] = collections.deque()
+        self.running: list[_Running] = []
+
+    # -- one scheduling round ------------------------------------------------------------------------
+
+    def drop_cancelled(self) -> None:
+        """Free the slots of cancelled sequences; the caller holds the engine's lock (for `waiting`)."""
+        for r in [r for r in self.running if r.group.cancelled]:
+            self._release(r)
+        self.waiting = collections.deque(g for g in self.waiting if not g.cancelled)
+
+    def admit(self, prefill_budget: int, lock: threading.Condition) -> None:
+        """Prefill waiting groups into free slots, first come first served, until `prefill_budget` prompt
+        tokens were prefilled this round (always at least one group when slots are free). `lock` guards
+        `waiting`, which requests join from other threads; it is not held while prefilling."""
+        spent = 0
+        while True:
+            with lock:
+                if not self.waiting or len(self.free) < self.waiting[0].n:
+                    return
+                group = self.waiting[0]
+                if spent and spent + len(group.prompt) > prefill_budget:
+                    return
+                self.waiting.popleft()
+            spent += len(group.prompt)
+            self._start(group)
+
+    def step(self) -> None:
+        if not self.running:
+            return
+        batch = list(self.running)
+        logits = decode_step(
+            self.model, self.pool, [r.slot for r in batch], [r.pos for r in batch], [r.last for r in batch]
+        )
+        for r, row in zip(batch, logits):
+            r.pos += 1
+            self._advance(r, row.unsqueeze(0))
+
+    # -- sequences -----------------------------------------------------------------------------------
+
+    def _start(self, group: Group) -> None:
+        slots = [self.free.pop() for _ in range(group.n)]
+        logits = prefill(self.model, self.pool, slots[0], group.prompt)  # (1, V)
+        for s in slots[1:]:
+            self.pool.copy(slots[0], s, len(group.prompt))
+        prompt_info = self._prompt_info(group) if group.echo_logprobs else []
+        base_seed = group.sampling.seed if group.sampling.seed is not None else secrets.randbits(62)
+        for j, slot in enumerate(slots):
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(base_seed + j)
+            r = _Running(
+                group=group,
+                choice=group.first_choice + j,
+                slot=slot,
+                pos=len(group.prompt),
+                last=-1,
+                generator=gen,
+                streamer=TextStreamer(self.tokenizer),
+                matcher=StopMatcher(group.stop),
+            )
+            self.running.append(r)
+            self._advance(r, logits, prompt_info)
+
+    def _prompt_info(self, group: Group) -> list[TokenInfo]:
+        """The prompt's tokens for `echo` with `logprobs`: the first has no log-probability (OpenAI: null)."""
+        infos = [TokenInfo(group.prompt[0], token_text(self.tokenizer, group.prompt[0]), None, None)]
+        if len(group.prompt) > 1:
+            chosen, top_lp, top_ids = prompt_logprobs(self.model, group.prompt, group.logprobs or 0)
+            for t, lp, values, ids in zip(group.prompt[1:], chosen.tolist(), top_lp.tolist(), top_ids.tolist()):
+                top = [(token_text(self.tokenizer, i), v) for v, i in zip(values, ids)] if group.logprobs else None
+                infos.append(TokenInfo(t, token_text(self.tokenizer, t), lp, top))
+        return infos
+
+    def _advance(self, r: _Running, logits: torch.Tensor, before: Sequence[TokenInfo] = ()) -> None:
+        """Choose the next token of `r` from its (1, V) logits and report it; end `r` when it is done."""
+        g = r.group
+        token = int(sample_next(logits, g.sampling, r.generator)[0])
+        r.generated += 1
+        r.last = token
+        infos = list(before)
+        if g.logprobs is not None:
+            infos.append(self._token_info(logits[0], token, g.logprobs))
+        finish = None
+        if token == self.tokenizer.eot_token:
+            text, finish = r.streamer.flush(), "stop"
+            text = r.matcher.feed(text)[0] + r.matcher.flush()
+        else:
+            text, hit = r.matcher.feed(r.streamer.push(token))
+            if hit:
+                finish = "stop"
+            elif r.generated >= g.max_tokens:
+                text += r.matcher.feed(r.streamer.flush())[0] + r.matcher.flush()
+                finish = "length"
+        g.emit(Event(r.choice, text, infos, finish, completion_tokens=r.generated))
+        if finish is not None:
+            self._release(r)
+
+    def _token_info(self, logits: torch.Tensor, token: int, top_n: int) -> TokenInfo:
+        # The model's own distribution (temperature 1, nothing filtered), as OpenAI's logprobs are.
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+        top = None
+        if top_n > 0:
+            values, ids = torch.topk(logp, top_n)
+            top = [(token_text(self.tokenizer, int(i)), float(v)) for v, i in zip(values, ids)]
+        return TokenInfo(token, token_text(self.tokenizer, token), float(logp[token]), top)
+
+    def _release(self, r: _Running) -> None:
+        self.running.remove(r)
+        self.free.append(r.slot)
+
+    def fail_all(self, message: str) -> None:
+        for r in list(self.running):
+            r.group.emit(Event(r.choice, error=message))
+            self._release(r)
+
+
+class Engine:
+    """Every model the server serves, and the one thread that decodes them all.
+
+    One thread, because the models share the machine's cores: with two models running (the
+    playground's compare mode), their decode steps alternate instead of competing for the cores.
+    """
+
+    def __init__(self, runners: Sequence[ModelRunner], max_queue: int, prefill_budget: int = 512) -> None:
+        if not runners:
+            raise ValueError("an Engine needs at least one model")
+        self.runners = {r.name: r for r in runners}
+        self.max_queue = max_queue
+        self.prefill_budget = prefill_budget
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- called from the HTTP side (any thread) ------------------------------------------------------
+
+    def submit(self, groups: Sequence[Group]) -> None:
+        """Queue a request's groups together, or raise QueueFull (and queue none of them)."""
+        with self._cond:
+            waiting = self.waiting_count()
+            if waiting + len(groups) > self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {waiting} prompt(s) are waiting and the queue holds {self.max_queue}; "
+                    "retry later"
+                )
+            for g in groups:
+                self.runners[g.model].waiting.append(g)
+            self._cond.notify()
+
+    def cancel(self, groups: Sequence[Group]) -> None:
+        """Free the slots of these groups before the next decode step (their client went away)."""
+        with self._cond:
+            for g in groups:
+                g.cancelled = True
+            self._cond.notify()
+
+    def waiting_count(self) -> int:
+        return sum(len(r.waiting) for r in self.runners.values())
+
+    def running_count(self) -> int:
+        return sum(len(r.running) for r in self.runners.values())
+
+    # -- the engine thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="gpt2lab-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _has_work(self) -> bool:
+        return any(r.running or r.waiting for r in self.runners.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                for runner in self.runners.values():
+                    runner.drop_cancelled()
+            self.round()
+
+    def round(self) -> None:
+        """Admit what can start, then one decode step for each model with running sequences."""
+        for runner in self.runners.values():
+            try:
+                runner.admit(self.prefill_budget, self._cond)
+                runner.step()
+            except Exception as e:  # a bug or out of memory: fail these requests, keep serving the others
+                runner.fail_all(f"internal error while decoding: {type(e).__name__}: {e}")
+        self.steps += 1

@@ -1,0 +1,305 @@
+"""OpenAI's completions API: the request as the server accepts it, the checks, and the response shapes.
+
+GPT-2 is a base model, so the API is the (legacy) completions one, `POST /v1/completions`. Field names,
+defaults (`max_tokens` 16, `temperature` 1, `n` 1) and the error shape follow OpenAI's API reference;
+`top_k` is an extension. Every bad request raises `APIError`, which the app turns into
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from ..generate import SamplingParams
+from ..tokenizer import Tokenizer
+from .engine import Event, TokenInfo
+
+MAX_LOGPROBS = 5  # OpenAI's limit for the completions API
+MAX_STOP = 4
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status, message, OpenAI error type, the offending parameter."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows one request: `max_tokens` per choice, `n`, prompts per request."""
+
+    max_tokens: int | None = None  # None: the model's context
+    max_n: int = 8
+    max_prompts: int = 16
+
+
+class CompletionRequest(BaseModel):
+    """The body of `POST /v1/completions`. Types are strict: "5" is not an integer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    prompt: Any = "<|endoftext|>"
+    max_tokens: StrictInt | None = 16
+    temperature: StrictFloat | StrictInt | None = 1.0
+    top_p: StrictFloat | StrictInt | None = 1.0
+    top_k: StrictInt | None = None
+    n: StrictInt | None = 1
+    stream: StrictBool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = None
+    user: StrictStr | None = None
+    # Accepted by OpenAI; here only at the values that leave sampling unchanged.
+    best_of: StrictInt | None = None
+    frequency_penalty: StrictFloat | StrictInt | None = None
+    presence_penalty: StrictFloat | StrictInt | None = None
+    logit_bias: dict[str, Any] | None = None
+    suffix: StrictStr | None = None
+
+
+def parse_body(raw: bytes) -> CompletionRequest:
+    """The request from the raw body: malformed JSON, wrong types and unknown fields are 400s."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = str(err["loc"][0]) if err["loc"] else None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unrecognized request argument supplied: {param}", param) from None
+        got = json.dumps(err.get("input"))[:60]
+        raise APIError(400, f"{param}: {err['msg'].lower()}, got {got}", param) from None
+
+
+@dataclass
+class Plan:
+    """A checked request: its prompts as token ids and texts, and how to decode each."""
+
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    n: int
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    logprobs: int | None
+    echo: bool
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _prompts(prompt: Any, tok: Tokenizer) -> tuple[list[list[int]], list[str]]:
+    """A string, a list of strings, a list of token ids or a list of lists of ids -> ids and texts."""
+
+    def ids_ok(ids: Any) -> bool:
+        return isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        texts = list(prompt)
+    elif ids_ok(prompt) and prompt:
+        return _checked_ids([list(prompt)], tok)
+    elif isinstance(prompt, list) and prompt and all(ids_ok(p) and p for p in prompt):
+        return _checked_ids([list(p) for p in prompt], tok)
+    else:
+        raise APIError(
+            400,
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids "
+            "(none of them empty)",
+            "prompt",
+        )
+    # The empty prompt starts a new document, as `gpt2lab sample` does without --prompt.
+    ids = [tok.encode(t, allowed_special={"<|endoftext|>"}) or [tok.eot_token] for t in texts]
+    return ids, texts
+
+
+def _checked_ids(prompts: list[list[int]], tok: Tokenizer) -> tuple[list[list[int]], list[str]]:
+    for ids in prompts:
+        bad = [t for t in ids if not 0 <= t < tok.n_vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 .. {tok.n_vocab - 1})", "prompt")
+    return prompts, [tok.decode(ids) for ids in prompts]
+
+
+def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limits: Limits) -> Plan:
+    """Check a request against the served models and the limits. `models`: name -> (tokenizer, context)."""
+    name = req.model if req.model is not None else next(iter(models))
+    if name not in models:
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist here; this server has: {', '.join(models)}",
+            "model",
+            code="model_not_found",
+        )
+    tok, context = models[name]
+    prompts, texts = _prompts(req.prompt, tok)
+    if len(prompts) > limits.max_prompts:
+        raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", "prompt")
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    cap = min(context, limits.max_tokens or context)
+    if not 1 <= max_tokens <= cap:
+        raise APIError(400, f"max_tokens must be between 1 and {cap} on this server, got {max_tokens}", "max_tokens")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > context:
+        # OpenAI refuses rather than cropping; `gpt2lab sample` slides its window instead.
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens, however you requested "
+            f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion); "
+            "shorten the prompt or lower max_tokens",
+            "max_tokens" if longest < context else "prompt",
+            code="context_length_exceeded",
+        )
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
+    top_p = 1.0 if req.top_p is None else float(req.top_p)
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if req.top_k is not None and req.top_k < 0:
+        raise APIError(400, f"top_k must be >= 0 (0 = off), got {req.top_k}", "top_k")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= limits.max_n:
+        raise APIError(400, f"n must be between 1 and {limits.max_n} on this server, got {n}", "n")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop sequences, got {len(stop)}", "stop")
+    if req.seed is not None and not 0 <= req.seed < 2**62:
+        raise APIError(400, f"seed must be between 0 and 2**62 - 1, got {req.seed}", "seed")
+    _unsupported(req)
+    options = req.stream_options or {}
+    if options and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+    return Plan(
+        model=name,
+        prompts=prompts,
+        prompt_texts=texts,
+        n=n,
+        max_tokens=max_tokens,
+        sampling=SamplingParams(
+            temperature=temperature, top_k=req.top_k or None, top_p=top_p, seed=req.seed, stop_token=tok.eot_token
+        ),
+        stop=stop,
+        logprobs=req.logprobs,
+        echo=bool(req.echo),
+        stream=bool(req.stream),
+        include_usage=bool(options.get("include_usage", False)),
+    )
+
+
+def _unsupported(req: CompletionRequest) -> None:
+    if req.best_of not in (None, 1) and req.best_of != req.n:
+        raise APIError(400, "best_of is not supported; leave it out or set it to n", "best_of")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name) not in (None, 0):
+            raise APIError(400, f"{name} is not supported; leave it out or set it to 0", name)
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported; leave it out", "logit_bias")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported: GPT-2 only continues text", "suffix")
+
+
+class Choice:
+    """One choice of a response as events arrive: its text and, when asked for, its logprobs."""
+
+    def __init__(self, index: int, echo_text: str, with_logprobs: bool, tokenizer: Tokenizer) -> None:
+        self.index = index
+        self.text = echo_text
+        self.finish_reason: str | None = None
+        self.with_logprobs = with_logprobs
+        self.tokenizer = tokenizer
+        self.tokens: list[TokenInfo] = []
+        self.offsets: list[int] = []
+        self.completion_tokens = 0
+        # text_offset counts characters; a character split over tokens starts where its first byte is.
+        self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._cursor = 0
+
+    def add(self, ev: Event) -> dict[str, Any]:
+        """Take an event; returns its part of a streamed chunk: {index, text, logprobs, finish_reason}."""
+        self.text += ev.text
+        self.finish_reason = ev.finish_reason or self.finish_reason
+        self.completion_tokens = max(self.completion_tokens, ev.completion_tokens)
+        offsets = []
+        for info in ev.tokens:
+            offsets.append(self._cursor)
+            self._cursor += len(self._chars.decode(self.tokenizer.decode_bytes([info.token])))
+        self.tokens.extend(ev.tokens)
+        self.offsets.extend(offsets)
+        return {
+            "index": self.index,
+            "text": ev.text,
+            "logprobs": logprobs_json(ev.tokens, offsets) if self.with_logprobs else None,
+            "finish_reason": ev.finish_reason,
+        }
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "text": self.text,
+            "logprobs": logprobs_json(self.tokens, self.offsets) if self.with_logprobs else None,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def logprobs_json(tokens: list[TokenInfo], offsets: list[int]) -> dict[str, Any]:
+    """OpenAI's completions `logprobs` object for these tokens."""
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [None if t.top is None else dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def usage(plan: Plan, choices: list[Choice]) -> dict[str, int]:
+    prompt_tokens = sum(len(p) for p in plan.prompts)
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def envelope(plan: Plan, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": plan.id,
+        "object": "text_completion",
+        "created": plan.created,
+        "model": plan.model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
