@@ -117,7 +117,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from gpt2lab import get_tokenizer
-    from gpt2lab.eval import hellaswag
+    from gpt2lab.eval import EvalContext, hellaswag
 
     device = torch.device(args.device)
     tok = get_tokenizer()
@@ -131,9 +131,8 @@ def main() -> None:
 
     def gpt2lab_run(share_context: bool, subset=items):
         def run():
-            scores = hellaswag.score_items(
-                ours, tok, subset, batch_size=args.batch_size, device=device, share_context=share_context
-            )
+            ctx = EvalContext(device=device, batch_size=args.batch_size)
+            scores = hellaswag.score_items(ours, tok, subset, ctx, share_context=share_context)
             return [(s.pred, s.pred_norm) for s in scores]
 
         return run

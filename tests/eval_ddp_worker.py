@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from gpt2lab.checkpoint import load_model_and_tokenizer
 from gpt2lab.cli import main as cli_main
 from gpt2lab.distributed import setup
 from gpt2lab.eval import perplexity, val_loss
+from gpt2lab.eval.common import EvalContext
 from gpt2lab.fileio import atomic_write_json
 
 
@@ -25,15 +27,14 @@ def run(spec: dict) -> int:
     device = info.device
     model, tok = load_model_and_tokenizer(spec["model"], device=device)
     out = Path(spec["out"])
-    ppl = perplexity.evaluate(
-        model, tok.encode(spec["text"]), context=16, stride=5, batch_size=3, rank=info.rank, world_size=info.world_size
-    )
+    ctx = EvalContext(rank=info.rank, world_size=info.world_size)
+    ppl = perplexity.evaluate(model, tok.encode(spec["text"]), replace(ctx, batch_size=3), context=16, stride=5)
     vl = val_loss.val_loss(
-        model, spec["val_dir"], max_tokens=spec["val_tokens"], batch_size=2, seq_len=16, rank=info.rank,
-        world_size=info.world_size, tokenizer=tok,
-    )  # fmt: skip
+        model, spec["val_dir"], replace(ctx, batch_size=2), max_tokens=spec["val_tokens"], seq_len=16, tokenizer=tok
+    )
     # Each rank writes what it got: all ranks must return the same numbers.
-    atomic_write_json(out / f"library_rank{info.rank}.json", {"perplexity": ppl.to_dict(), "val_loss": vl})
+    record = {"perplexity": ppl.to_dict(), "val_loss": vl.to_dict()}
+    atomic_write_json(out / f"library_rank{info.rank}.json", record)
     return cli_main(
         ["eval", "--model", spec["model"], "--task", "hellaswag", "--data", spec["items"], "--batch-size", "2",
          "--device", "cpu", "--no-progress", "--json", str(out / "hellaswag.json")]

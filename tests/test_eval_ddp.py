@@ -13,7 +13,7 @@ from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import get_tokenizer
 from gpt2lab.data import write_shard
-from gpt2lab.eval import hellaswag, perplexity, val_loss
+from gpt2lab.eval import EvalContext, hellaswag, perplexity, val_loss
 
 WORKER = Path(__file__).with_name("eval_ddp_worker.py")
 
@@ -47,16 +47,16 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, shakespeare_path):
     ranks = [json.loads((tmp_path / "out" / f"library_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # all-reduced, then summed in the same order on every rank
 
-    single_ppl = perplexity.evaluate(ours, tok.encode(spec["text"]), context=16, stride=5, batch_size=3)
+    single_ppl = perplexity.evaluate(ours, tok.encode(spec["text"]), EvalContext(batch_size=3), context=16, stride=5)
     ddp_ppl = ranks[0]["perplexity"]
     assert (ddp_ppl["scored_tokens"], ddp_ppl["windows"]) == (single_ppl.scored_tokens, single_ppl.windows)
     assert ddp_ppl["nll"] == pytest.approx(single_ppl.nll, rel=1e-6)
 
-    single_val = val_loss.val_loss(ours, tmp_path / "val", max_tokens=16 * 21, batch_size=2, seq_len=16)
-    assert ranks[0]["val_loss"]["tokens"] == single_val["tokens"] == 336
-    assert ranks[0]["val_loss"]["loss"] == pytest.approx(single_val["loss"], rel=1e-6)
+    single_val = val_loss.val_loss(ours, tmp_path / "val", EvalContext(batch_size=2), max_tokens=16 * 21, seq_len=16)
+    assert ranks[0]["val_loss"]["tokens"] == single_val.tokens == 336
+    assert ranks[0]["val_loss"]["loss"] == pytest.approx(single_val.loss, rel=1e-6)
 
-    single_hs = hellaswag.evaluate(ours, tok, hellaswag.read_items(items), batch_size=2)
+    single_hs = hellaswag.evaluate(ours, tok, hellaswag.read_items(items), EvalContext(batch_size=2))
     report = json.loads((tmp_path / "out" / "hellaswag.json").read_text())
     assert report["run"]["world_size"] == 2
     assert report["results"]["items"] == single_hs.items == 7

@@ -7,7 +7,7 @@ from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import GPT2LabError, get_tokenizer
 from gpt2lab.eval import HELLASWAG_REFERENCES, hellaswag
-from gpt2lab.eval.during_training import eval_metrics
+from gpt2lab.eval.common import EvalContext
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def brute_force(hf, tok, record):
 def test_scores_equal_transformers_brute_force(models, tok, items_file, share_context):
     hf, ours = models
     items = hellaswag.read_items(items_file)
-    scores = hellaswag.score_items(ours, tok, items, batch_size=4, share_context=share_context)
+    scores = hellaswag.score_items(ours, tok, items, EvalContext(batch_size=4), share_context=share_context)
     correct = correct_norm = 0
     for record, score in zip(ITEMS, scores):
         sums, means = brute_force(hf, tok, record)
@@ -60,7 +60,7 @@ def test_scores_equal_transformers_brute_force(models, tok, items_file, share_co
         correct_norm += score.pred_norm == record["label"]
     # Summed and mean losses must pick differently somewhere, or acc and acc_norm are not both tested.
     assert any(s.pred != s.pred_norm for s in scores)
-    result = hellaswag.evaluate(ours, tok, items, batch_size=3)
+    result = hellaswag.evaluate(ours, tok, items, EvalContext(batch_size=3))
     assert (result.items, result.correct, result.correct_norm) == (len(ITEMS), correct, correct_norm)
     assert result.acc_norm == correct_norm / len(ITEMS)
 
@@ -68,9 +68,9 @@ def test_scores_equal_transformers_brute_force(models, tok, items_file, share_co
 def test_batched_equals_unbatched_and_shared_context(models, tok, items_file):
     _, ours = models
     items = hellaswag.read_items(items_file)
-    one = hellaswag.score_items(ours, tok, items, batch_size=1, share_context=False)
+    one = hellaswag.score_items(ours, tok, items, EvalContext(batch_size=1), share_context=False)
     for batch_size, share in [(2, False), (5, False), (64, False), (1, True)]:
-        many = hellaswag.score_items(ours, tok, items, batch_size=batch_size, share_context=share)
+        many = hellaswag.score_items(ours, tok, items, EvalContext(batch_size=batch_size), share_context=share)
         for a, b in zip(one, many):
             assert a.sum_losses == pytest.approx(b.sum_losses, abs=1e-5)
             assert a.mean_losses == pytest.approx(b.mean_losses, abs=1e-5)
@@ -101,9 +101,15 @@ def test_limit_metrics_and_training_hook(models, tok, items_file):
     assert ours.training  # the evaluation restored train mode
     assert limited.items == 2
     full = hellaswag.evaluate(ours, tok, items)
-    metrics = eval_metrics(ours, hellaswag_items=items, tokenizer=tok)
     ours.eval()
-    assert metrics == {"hellaswag_acc_norm": full.acc_norm, "hellaswag_acc": full.acc, "hellaswag_items": 6}
+    assert full.metrics() == {"hellaswag_acc_norm": full.acc_norm, "hellaswag_acc": full.acc, "hellaswag_items": 6}
+    assert full.to_dict() == {
+        "acc_norm": full.acc_norm,
+        "acc": full.acc,
+        "items": 6,
+        "correct": full.correct,
+        "correct_norm": full.correct_norm,
+    }
     assert HELLASWAG_REFERENCES == {"gpt2-124M": 0.2955, "gpt3-125M": 0.337}
 
 

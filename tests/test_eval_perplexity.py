@@ -7,7 +7,7 @@ from eval_data import one_torch_thread  # noqa: F401 (autouse fixture)
 from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import GPT2LabError, get_tokenizer
-from gpt2lab.eval import perplexity
+from gpt2lab.eval import EvalContext, perplexity
 from gpt2lab.eval.perplexity import Window, sliding_windows
 
 TEXT = (
@@ -73,7 +73,7 @@ def test_strided_perplexity_equals_the_direct_computation(models, tok, context, 
     assert len(ids) > 2 * context  # several windows
     nll, scored = hf_guide_nll(hf, ids, context, stride)
     for batch_size in (1, 3):
-        result = perplexity.evaluate(ours, ids, context=context, stride=stride, batch_size=batch_size)
+        result = perplexity.evaluate(ours, ids, EvalContext(batch_size=batch_size), context=context, stride=stride)
         assert result.scored_tokens == scored
         assert scored == (len(ids) - 1 if stride < context else len(ids) - math.ceil(len(ids) / context))
         assert result.nll == pytest.approx(nll, rel=1e-5)
@@ -83,14 +83,14 @@ def test_strided_perplexity_equals_the_direct_computation(models, tok, context, 
 def test_logits_are_made_a_few_positions_at_a_time(models, tok, monkeypatch):
     _, ours = models
     ids = tok.encode(TEXT * 2)
-    whole = perplexity.evaluate(ours, ids, context=32, stride=20, batch_size=3)
+    whole = perplexity.evaluate(ours, ids, EvalContext(batch_size=3), context=32, stride=20)
     from gpt2lab.eval import common
 
     monkeypatch.setattr(common, "nll_chunk_rows", lambda device: 5)
     rows = []
     hook = ours.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
     try:
-        chunked = perplexity.evaluate(ours, ids, context=32, stride=20, batch_size=3)
+        chunked = perplexity.evaluate(ours, ids, EvalContext(batch_size=3), context=32, stride=20)
     finally:
         hook.remove()
     assert max(rows) == 5 and sum(rows) == chunked.scored_tokens == len(ids) - 1

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,9 +11,11 @@ from helpers import gpt2lab_twin, hf_gpt2
 from gpt2lab import GPT2LabError, get_tokenizer
 from gpt2lab.data import PrepareOptions, open_split_tokens, write_shard
 from gpt2lab.data.prepare import prepare
+from gpt2lab.download import cache_dir
 from gpt2lab.eval import VAL_LOSS_REFERENCES, hellaswag
-from gpt2lab.eval.during_training import eval_metrics
+from gpt2lab.eval.common import EvalContext
 from gpt2lab.eval.val_loss import DEFAULT_MAX_TOKENS, val_loss
+from gpt2lab.train.evaluate import Evaluator
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +59,10 @@ def test_val_loss_equals_direct_computation_at_any_batch_size(models, data_dir):
     assert len(tokens) == 1000
     expected = direct_loss(hf, tokens, seq_len=16, windows=21)
     for batch_size in (1, 4, 64):
-        result = val_loss(ours, data_dir, max_tokens=16 * 21 + 7, batch_size=batch_size, seq_len=16)
-        assert (result["tokens"], result["windows"], result["seq_len"]) == (336, 21, 16)
-        assert result["loss"] == pytest.approx(expected, rel=1e-6)
-        assert result["perplexity"] == pytest.approx(np.exp(expected), rel=1e-6)
+        result = val_loss(ours, data_dir, EvalContext(batch_size=batch_size), max_tokens=16 * 21 + 7, seq_len=16)
+        assert (result.tokens, result.windows, result.seq_len) == (336, 21, 16)
+        assert result.loss == pytest.approx(expected, rel=1e-6)
+        assert result.perplexity == pytest.approx(np.exp(expected), rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
@@ -82,10 +85,11 @@ def test_chunked_losses_equal_the_full_logits_and_no_full_logits_are_made(models
     rows = []
     hook = ours.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
     try:
-        result = val_loss(ours, data_dir, max_tokens=12 * 16, batch_size=5, seq_len=16, autocast_dtype=dtype)
+        ctx = EvalContext(batch_size=5, autocast_dtype=dtype)
+        result = val_loss(ours, data_dir, ctx, max_tokens=12 * 16, seq_len=16)
     finally:
         hook.remove()
-    assert result["loss"] == pytest.approx(expected, rel=1e-6 if dtype is None else 1e-4)
+    assert result.loss == pytest.approx(expected, rel=1e-6 if dtype is None else 1e-4)
     assert max(rows) == 7 and sum(rows) == 12 * 16  # 7 positions' logits at a time, each position once
 
 
@@ -93,7 +97,7 @@ def test_budget_larger_than_the_split_uses_all_of_it(models, data_dir):
     _, ours = models
     result = val_loss(ours, data_dir, seq_len=64)  # default budget: 10,485,760 tokens
     assert DEFAULT_MAX_TOKENS == 10_485_760
-    assert result["windows"] == (1000 - 1) // 64 and result["tokens"] == 15 * 64
+    assert result.windows == (1000 - 1) // 64 and result.tokens == 15 * 64
 
 
 class DDPLike(torch.nn.Module):
@@ -110,19 +114,20 @@ class DDPLike(torch.nn.Module):
 def test_training_loop_entry_point(models, data_dir, items_file):
     _, ours = models
     tok = get_tokenizer()
-    tokens = open_split_tokens(data_dir, "val", tok)  # opened once by the loop
     items = hellaswag.read_items(items_file)
+    # The training loop's Evaluator finds HellaSwag's validation file in the (empty, per-test) cache.
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    shutil.copy(items_file, cache_dir() / hellaswag.CACHE_NAME)
+    evaluator = Evaluator(str(data_dir), tok, val_tokens=320, tasks=["hellaswag"], extra=[], rank=0, world_size=1)
     wrapped = DDPLike(ours)
     wrapped.train()
-    metrics = eval_metrics(
-        wrapped, val_data=tokens, val_max_tokens=320, val_batch_size=4, val_seq_len=32, hellaswag_items=items,
-        tokenizer=tok,
-    )  # fmt: skip
+    metrics = evaluator(wrapped, EvalContext(batch_size=4, step=7, tokenizer=tok, seq_len=32))
     assert ours.training  # train mode restored
     ours.eval()
     assert set(metrics) == {"val_loss", "val_tokens", "hellaswag_acc_norm", "hellaswag_acc", "hellaswag_items"}
     assert metrics["val_tokens"] == 320 and metrics["hellaswag_items"] == len(items)
-    assert metrics["val_loss"] == pytest.approx(val_loss(ours, data_dir, 320, 2, 32)["loss"], rel=1e-6)
+    expected = val_loss(ours, data_dir, EvalContext(batch_size=2), max_tokens=320, seq_len=32).loss
+    assert metrics["val_loss"] == pytest.approx(expected, rel=1e-6)
     assert metrics["hellaswag_acc_norm"] == hellaswag.evaluate(ours, tok, items).acc_norm
     assert VAL_LOSS_REFERENCES == {"gpt2-124M": 3.2924}
 
@@ -159,7 +164,8 @@ def test_cli_val_loss(cli, models, data_dir, tmp_path):
     assert result.code == 0, result.err
     assert "val loss" in result.out and "320 (20 windows of 16, of 1,000)" in result.out
     report = json.loads(out.read_text())
-    assert report["results"]["loss"] == pytest.approx(val_loss(ours, data_dir, 320, 8, 16)["loss"], rel=1e-6)
+    expected = val_loss(ours, data_dir, max_tokens=320, seq_len=16).loss
+    assert report["results"]["loss"] == pytest.approx(expected, rel=1e-6)
     assert report["data"]["split_tokens"] == 1000
     assert report["references"]["val_loss"]["gpt2-124M"] == 3.2924
 

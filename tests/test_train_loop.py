@@ -20,6 +20,7 @@ from train_utils import one_thread, tiny_config, tiny_corpus, train_losses  # no
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.config import to_toml
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.eval import EvalContext
 from gpt2lab.model import GPT
 from gpt2lab.train import train
 
@@ -261,7 +262,7 @@ def test_finetune_from_a_checkpoint_and_from_hugging_face(corpus, tmp_path):
     hf_gpt2(seed=3, n_positions=32).save_pretrained(hf_dir)
     from gpt2lab.eval.val_loss import val_loss
 
-    expected = val_loss(ckpt.load_model(hf_dir), corpus, max_tokens=256, batch_size=4, seq_len=16)["loss"]
+    expected = val_loss(ckpt.load_model(hf_dir), corpus, EvalContext(batch_size=4), max_tokens=256, seq_len=16).loss
     from_hf = tmp_path / "from_hf"
     cfg = tiny_config(corpus, from_hf, shape=False, train={"init_from": str(hf_dir), "max_steps": 1}, eval={"every": 1})
     train(cfg, progress=False)

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     from .. import distributed
     from ..checkpoint import load_model_and_tokenizer
+    from ..eval.common import EvalContext
     from ..runtime import resolve_dtype
 
     dist = distributed.setup(args.device)
@@ -97,7 +98,14 @@ def run(args: argparse.Namespace) -> int:
         model.pack_for_cpu_inference(64)
         started = time.perf_counter()
         task = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity}[args.task]
-        rows, report = task(args, model, tok, device, dist)
+        ctx = EvalContext(
+            device=device,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        rows, report = task(args, model, tok, ctx)
         seconds = time.perf_counter() - started
         if dist.is_main:
             report = {
@@ -124,23 +132,14 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- tasks
 
 
-def _hellaswag(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+def _hellaswag(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     from ..eval import hellaswag
     from ..eval.references import HELLASWAG_GPT2_CHECKPOINTS, HELLASWAG_REFERENCES
     from ..fileio import file_sha256
 
-    path = hellaswag.validation_file(args.data, dist.rank, dist.world_size)
+    path = hellaswag.validation_file(args.data, ctx.rank, ctx.world_size)
     items = hellaswag.read_items(path, args.limit)
-    result = hellaswag.evaluate(
-        model,
-        tok,
-        items,
-        batch_size=args.batch_size,
-        device=device,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        progress=not args.no_progress,
-    )
+    result = hellaswag.evaluate(model, tok, items, ctx)
     expected = HELLASWAG_GPT2_CHECKPOINTS.get(_hub_short_name(args.model), {})
     refs = ", ".join(f"{k} {v}" for k, v in HELLASWAG_REFERENCES.items())
     rows = [
@@ -158,54 +157,37 @@ def _hellaswag(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], d
             "limit": args.limit,
         },
         "method": hellaswag.METHOD,
-        "results": {
-            "acc_norm": result.acc_norm,
-            "acc": result.acc,
-            "items": result.items,
-            "correct": result.correct,
-            "correct_norm": result.correct_norm,
-        },
+        "results": result.to_dict(),
         "references": {"acc_norm": HELLASWAG_REFERENCES, "expected_for_this_checkpoint": expected or None},
     }
     return rows, report
 
 
-def _val_loss(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+def _val_loss(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     from ..eval.references import VAL_LOSS_REFERENCES
     from ..eval.val_loss import DEFAULT_MAX_TOKENS, open_val_tokens, val_loss
 
     tokens = open_val_tokens(args.data, tok)
-    result = val_loss(
-        model,
-        tokens,
-        max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        device=device,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        tokenizer=tok,
-        progress=not args.no_progress,
-    )
+    result = val_loss(model, tokens, ctx, max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, seq_len=args.seq_len)
     rows = [
-        ("val loss", f"{result['loss']:.4f}"),
-        ("perplexity", f"{result['perplexity']:.2f}"),
-        ("tokens", f"{result['tokens']:,} ({result['windows']:,} windows of {result['seq_len']}, of {len(tokens):,})"),
+        ("val loss", f"{result.loss:.4f}"),
+        ("perplexity", f"{result.perplexity:.2f}"),
+        ("tokens", f"{result.tokens:,} ({result.windows:,} windows of {result.seq_len}, of {len(tokens):,})"),
         ("reference", ", ".join(f"{k} {v}" for k, v in VAL_LOSS_REFERENCES.items()) + " (FineWeb-Edu val)"),
     ]
     report = {
         "data": {"path": str(Path(args.data)), "split": "val", "split_tokens": len(tokens)},
         "method": (
-            f"mean next-token loss over the first {result['windows']} windows of {result['seq_len']} + 1 tokens "
+            f"mean next-token loss over the first {result.windows} windows of {result.seq_len} + 1 tokens "
             "of the val split (consecutive, overlapping by one token, every target scored once)"
         ),
-        "results": result,
+        "results": result.to_dict(),
         "references": {"val_loss": VAL_LOSS_REFERENCES},
     }
     return rows, report
 
 
-def _perplexity(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+def _perplexity(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     from ..data.text import unescape
     from ..eval import perplexity
     from ..eval.references import WIKITEXT2_HF_GUIDE_GPT2_LARGE, WIKITEXT2_PAPER_PERPLEXITY
@@ -213,18 +195,7 @@ def _perplexity(args, model, tok, device, dist) -> tuple[list[tuple[str, str]], 
     join = unescape(args.join)  # "\n\n" typed on a command line
     corpus = perplexity.read_corpus(args.data, args.text_field, args.hf_config, args.split, join)
     tokens, n_bytes = perplexity.corpus_tokens(corpus, tok, bos=args.bos, max_tokens=args.max_tokens)
-    result = perplexity.evaluate(
-        model,
-        tokens,
-        context=args.context,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        device=device,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        n_bytes=n_bytes,
-        progress=not args.no_progress,
-    )
+    result = perplexity.evaluate(model, tokens, ctx, context=args.context, stride=args.stride, n_bytes=n_bytes)
     unscored = result.tokens - result.scored_tokens
     rows = [
         ("perplexity", f"{result.perplexity:.4f}"),

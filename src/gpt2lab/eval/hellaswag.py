@@ -41,7 +41,7 @@ from ..errors import GPT2LabError
 from ..jsonl import read_jsonl
 from ..model import KVCache, unwrap
 from ..runtime import autocast
-from .common import check_vocab, evaluating, logits_at, token_losses
+from .common import EvalContext, EvalResult, check_vocab, evaluating, logits_at, token_losses
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_NAME = "hellaswag_val.jsonl"
@@ -81,7 +81,7 @@ class ItemScore:
 
 
 @dataclass(frozen=True)
-class HellaSwagResult:
+class HellaSwagResult(EvalResult):
     """Counts over all ranks; `acc_norm` is the number to compare with GPT-2's 0.2955."""
 
     items: int
@@ -96,9 +96,11 @@ class HellaSwagResult:
     def acc_norm(self) -> float:
         return self.correct_norm / self.items if self.items else float("nan")
 
-    def metrics(self, prefix: str = "hellaswag_") -> dict[str, float]:
-        """Flat numbers for metrics.jsonl / --json."""
+    def metrics(self, prefix: str = "hellaswag_") -> dict[str, float | int]:
         return {f"{prefix}acc_norm": self.acc_norm, f"{prefix}acc": self.acc, f"{prefix}items": self.items}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.metrics(prefix=""), "correct": self.correct, "correct_norm": self.correct_norm}
 
 
 def _argmin(values: Sequence[float]) -> int:
@@ -274,45 +276,43 @@ def score_items(
     model: nn.Module,
     tokenizer,
     items: Sequence[Item],
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
+    ctx: EvalContext | None = None,
     share_context: bool | None = None,
 ) -> list[ItemScore]:
-    """Per-candidate losses of every item, in the order given (this process only, no sharding).
+    """Per-candidate losses of every item, in the order given (this process only: ctx.rank and
+    ctx.world_size are not used here, see `evaluate`).
 
     Two ways to run the model, with the same scores up to float rounding:
-    share_context=False: `batch_size` items per forward pass, 4 full rows each (the default on GPUs,
-    where wide batches are what makes a forward pass efficient);
+    share_context=False: `ctx.batch_size` items per forward pass, 4 full rows each (the default on
+    GPUs, where wide batches are what makes a forward pass efficient);
     share_context=True: one item at a time, its context once and the 4 endings from a KV cache (the
     default on CPUs, which are bound by arithmetic, and this is about half of it). Items whose rows
     would exceed the model's context are always scored as full rows.
     """
-    if batch_size < 1:
-        raise GPT2LabError(f"batch size must be at least 1, got {batch_size}")
+    ctx = ctx or EvalContext()
     gpt = unwrap(model)
     check_vocab(gpt, tokenizer)
-    device = torch.device(device) if device is not None else gpt.device
+    device = ctx.device_for(gpt)
     if share_context is None:
         share_context = device.type == "cpu"
     encoded = [_encode(item, tokenizer, gpt.config.block_size) for item in items]
     shared = [i for i, e in enumerate(encoded) if share_context and e.fits]
     batched = sorted(set(range(len(items))) - set(shared), key=lambda i: -encoded[i].longest)
     scores: list[ItemScore | None] = [None] * len(items)
+    batch_size, dtype = ctx.batch_size, ctx.autocast_dtype
     from tqdm.auto import tqdm
 
     with (
         evaluating(gpt),
-        tqdm(total=len(items), desc="hellaswag", unit="item", disable=not progress, leave=False) as bar,
+        tqdm(total=len(items), desc="hellaswag", unit="item", disable=not ctx.show_progress, leave=False) as bar,
     ):
         for i in shared:
-            sums, means = _score_shared_context(gpt, encoded[i], device, autocast_dtype)
+            sums, means = _score_shared_context(gpt, encoded[i], device, dtype)
             scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
             bar.update(1)
         for start in range(0, len(batched), batch_size):
             chunk = batched[start : start + batch_size]
-            for i, (sums, means) in zip(chunk, _score_batch(gpt, [encoded[i] for i in chunk], device, autocast_dtype)):
+            for i, (sums, means) in zip(chunk, _score_batch(gpt, [encoded[i] for i in chunk], device, dtype)):
                 scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
             bar.update(len(chunk))
     return scores  # type: ignore[return-value]
@@ -322,25 +322,22 @@ def evaluate(
     model: nn.Module,
     tokenizer,
     items: Sequence[Item],
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    ctx: EvalContext | None = None,
+    *,
     limit: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
 ) -> HellaSwagResult:
     """HellaSwag accuracy of `model` on the first `limit` items (all when None).
 
     Callable from a training loop on every rank: rank r scores items r, r + world_size, ... and the
     counts are all-reduced, so every rank returns the same result, whatever the world size. The
-    model's train/eval mode is restored afterwards. `progress` shows a bar on rank 0.
+    model's train/eval mode is restored afterwards. `ctx.progress` shows a bar on rank 0.
     """
+    ctx = ctx or EvalContext()
     if limit is not None and limit < 1:
         raise GPT2LabError(f"limit must be at least 1, got {limit}")
     chosen = list(items[:limit]) if limit is not None else list(items)
-    mine = chosen[rank::world_size]
-    scores = score_items(model, tokenizer, mine, batch_size, device, autocast_dtype, progress and rank == 0)
+    mine = [chosen[i] for i in ctx.mine(len(chosen))]
+    scores = score_items(model, tokenizer, mine, ctx)
     counts = torch.tensor(
         [len(scores), sum(s.pred == s.label for s in scores), sum(s.pred_norm == s.label for s in scores)],
         dtype=torch.float64,

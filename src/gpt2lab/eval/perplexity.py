@@ -33,11 +33,10 @@ import torch
 import torch.nn as nn
 
 from ..data.sources import HF_PREFIX
-from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
 from ..model import unwrap
 from ..runtime import autocast
-from .common import evaluating, hidden_at, token_nll
+from .common import EvalContext, EvalResult, hidden_at, token_nll, windowed_sum
 
 # Corpora known by name: WikiText-2's test split as Hugging Face's guide reads it.
 NAMED_CORPORA: dict[str, dict[str, str]] = {
@@ -56,7 +55,7 @@ class Window:
 
 
 @dataclass(frozen=True)
-class PerplexityResult:
+class PerplexityResult(EvalResult):
     nll: float  # total negative log-likelihood of the scored tokens, nats
     scored_tokens: int
     tokens: int  # length of the evaluated token sequence (with the <|endoftext|> in front, if any)
@@ -81,6 +80,12 @@ class PerplexityResult:
     @property
     def bits_per_byte(self) -> float | None:
         return self.nll / math.log(2) / self.bytes if self.bytes else None
+
+    def metrics(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {"perplexity": self.perplexity, "perplexity_tokens": self.scored_tokens}
+        if self.bits_per_byte is not None:
+            out["perplexity_bits_per_byte"] = self.bits_per_byte
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,58 +134,45 @@ def _window_batches(windows: Sequence[int], all_windows: Sequence[Window], batch
 def evaluate(
     model: nn.Module,
     tokens: Sequence[int] | np.ndarray | torch.Tensor,
+    ctx: EvalContext | None = None,
+    *,
     context: int | None = None,
     stride: int | None = None,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    autocast_dtype: torch.dtype | None = None,
     n_bytes: int | None = None,
-    progress: bool = False,
 ) -> PerplexityResult:
     """Sliding-window NLL of `tokens` (shape (N,)) under `model`.
 
     context: window length (default and maximum: the model's block_size); stride: how far each
-    window moves (default: context // 2, the guide's 512 for 1024). `batch_size` windows per forward pass.
-    n_bytes: UTF-8 size of the text, for bits per byte. Every rank returns the same result.
+    window moves (default: context // 2, the guide's 512 for 1024). `ctx.batch_size` windows per
+    forward pass. n_bytes: UTF-8 size of the text, for bits per byte. Every rank returns the same result.
     """
+    ctx = ctx or EvalContext()
     gpt = unwrap(model)
     block = gpt.config.block_size
     context = block if context is None else context
     if not 2 <= context <= block:
         raise GPT2LabError(f"context must be between 2 and the model's block size ({block}), got {context}")
     stride = max(1, context // 2) if stride is None else stride
-    if batch_size < 1:
-        raise GPT2LabError(f"batch size must be at least 1, got {batch_size}")
     seq = torch.as_tensor(np.asarray(tokens, dtype=np.int64))  # (N,)
     if seq.numel() and int(seq.max()) >= gpt.config.vocab_size:
         raise GPT2LabError(f"token id {int(seq.max())} is outside the model's vocabulary of {gpt.config.vocab_size}")
     windows = sliding_windows(seq.numel(), context, stride)
-    device = torch.device(device) if device is not None else gpt.device
-    per_window = torch.zeros(len(windows), dtype=torch.float64, device=device)  # (W,) NLL sums
-    mine = list(range(rank, len(windows), world_size))
-    from tqdm.auto import tqdm
+    device = ctx.device_for(gpt)
 
-    show = progress and rank == 0
-    with (
-        evaluating(gpt),
-        tqdm(total=len(mine), desc="perplexity", unit="window", disable=not show, leave=False) as bar,
-    ):
-        for batch in _window_batches(mine, windows, batch_size):
-            ws = [windows[w] for w in batch]
-            idx = torch.stack([seq[w.begin : w.end] for w in ws])  # (b, L)
-            # Position p predicts token p + 1: scored tokens [first, end) come from positions [first - 1, end - 1).
-            rows = torch.cat([torch.full((w.end - w.first,), i) for i, w in enumerate(ws)])  # (n,)
-            cols = torch.cat([torch.arange(w.first - 1 - w.begin, w.end - 1 - w.begin) for w in ws])  # (n,)
-            targets = idx[rows, cols + 1]  # (n,)
-            idx, rows, cols, targets = (t.to(device) for t in (idx, rows, cols, targets))
-            with autocast(device, autocast_dtype):  # logits for the scored positions, a chunk at a time
-                losses = token_nll(gpt, hidden_at(gpt, idx, rows, cols), targets).double()  # (n,)
-            sums = torch.zeros(len(ws), dtype=torch.float64, device=device).index_add_(0, rows, losses)
-            per_window[torch.tensor(batch, device=device)] = sums
-            bar.update(len(batch))
-    per_window = all_reduce_sum(per_window)
+    def score(batch: list[int]) -> torch.Tensor:
+        ws = [windows[w] for w in batch]
+        idx = torch.stack([seq[w.begin : w.end] for w in ws])  # (b, L)
+        # Position p predicts token p + 1: scored tokens [first, end) come from positions [first - 1, end - 1).
+        rows = torch.cat([torch.full((w.end - w.first,), i) for i, w in enumerate(ws)])  # (n,)
+        cols = torch.cat([torch.arange(w.first - 1 - w.begin, w.end - 1 - w.begin) for w in ws])  # (n,)
+        targets = idx[rows, cols + 1]  # (n,)
+        idx, rows, cols, targets = (t.to(device) for t in (idx, rows, cols, targets))
+        with autocast(device, ctx.autocast_dtype):  # logits for the scored positions, a chunk at a time
+            losses = token_nll(gpt, hidden_at(gpt, idx, rows, cols), targets).double()  # (n,)
+        return torch.zeros(len(ws), dtype=torch.float64, device=device).index_add_(0, rows, losses)  # (b,)
+
+    batches = lambda mine: _window_batches(mine, windows, ctx.batch_size)
+    per_window = windowed_sum(gpt, len(windows), ctx, score, "perplexity", batches)
     nll = float(per_window.cpu().sum())  # in window order on every rank
     scored = sum(w.end - w.first for w in windows)
     return PerplexityResult(nll, scored, int(seq.numel()), len(windows), context, stride, n_bytes)

@@ -18,20 +18,39 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..distributed import all_reduce_sum
 from ..errors import GPT2LabError
 from ..model import unwrap
 from ..runtime import autocast
-from .common import evaluating, hidden_at, token_nll
+from .common import EvalContext, EvalResult, hidden_at, token_nll, windowed_sum
 
 # build-nanogpt's validation budget: val_loss_steps 20 x B 64 x T 1024 on 8 ranks.
 DEFAULT_MAX_TOKENS = 20 * 64 * 1024 * 8
+
+
+@dataclass(frozen=True)
+class ValLossResult(EvalResult):
+    loss: float  # mean nats per target token
+    tokens: int  # target tokens scored
+    windows: int
+    seq_len: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def metrics(self) -> dict[str, float | int]:
+        return {"val_loss": self.loss, "val_tokens": self.tokens}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"loss": d.pop("loss"), "perplexity": self.perplexity, **d}
 
 
 def open_val_tokens(data_dir: str | os.PathLike, tokenizer=None, split: str = "val") -> Any:
@@ -45,35 +64,27 @@ def open_val_tokens(data_dir: str | os.PathLike, tokenizer=None, split: str = "v
 def val_loss(
     model: nn.Module,
     data: str | os.PathLike | Any,
+    ctx: EvalContext | None = None,
+    *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    batch_size: int = 8,
     seq_len: int | None = None,
-    device: torch.device | str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    autocast_dtype: torch.dtype | None = None,
     tokenizer=None,
-    progress: bool = False,
-) -> dict[str, float]:
+) -> ValLossResult:
     """Mean next-token loss of `model` over the first floor(max_tokens / seq_len) windows of the data.
 
-    data: a prepared directory (its "val" split is read), or an already opened token sequence
-    (anything with len() and [a:b] slicing, e.g. `open_val_tokens(dir)` opened once by a training
-    loop, or a 1-D numpy array). seq_len defaults to the model's block_size. `batch_size` windows
-    go through the model per forward pass. Call it on every rank with the same arguments: each rank
-    returns the same dict.
-
-    Returns {"loss": mean nats per token, "perplexity", "tokens": target tokens scored, "windows",
-    "seq_len"}.
+    data: a prepared directory (its "val" split is read, checked against `tokenizer` when given), or
+    an already opened token sequence (anything with len() and [a:b] slicing, e.g. `open_val_tokens(dir)`
+    opened once by a training loop, or a 1-D numpy array). seq_len defaults to the model's block_size.
+    `ctx.batch_size` windows go through the model per forward pass. Call it on every rank with the
+    same arguments (and each rank's ctx): each rank returns the same result.
     """
+    ctx = ctx or EvalContext()
     # The plain model, eagerly: evaluation needs no DDP gradient sync (and ranks run different numbers
     # of batches), and the loss is taken from the final hidden states, which a compiled graph hides.
     gpt = unwrap(model)
     seq_len = gpt.config.block_size if seq_len is None else seq_len
     if not 1 <= seq_len <= gpt.config.block_size:
         raise GPT2LabError(f"sequence length must be between 1 and the model's block size {gpt.config.block_size}")
-    if batch_size < 1:
-        raise GPT2LabError(f"batch size must be at least 1, got {batch_size}")
     if max_tokens < seq_len:
         raise GPT2LabError(f"the token budget ({max_tokens}) is smaller than one window of {seq_len} tokens")
     tokens = open_val_tokens(data, tokenizer) if isinstance(data, (str, os.PathLike)) else data
@@ -83,41 +94,25 @@ def val_loss(
             f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len} + 1; "
             "use a shorter --seq-len or prepare more validation data"
         )
-    device = torch.device(device) if device is not None else gpt.device
+    device = ctx.device_for(gpt)
     vocab = gpt.config.vocab_size
-    per_window = torch.zeros(n_windows, dtype=torch.float64, device=device)  # (W,) summed NLL per window
-    mine = list(range(rank, n_windows, world_size))
-    from tqdm.auto import tqdm
 
-    show = progress and rank == 0
-    with (
-        evaluating(gpt),
-        tqdm(total=len(mine), desc="val loss", unit="window", disable=not show, leave=False) as bar,
-    ):
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start : start + batch_size]
-            buf = np.stack([np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1]) for w in batch])  # (b, T + 1)
-            if int(buf.max()) >= vocab:
-                raise GPT2LabError(
-                    f"the validation data holds token id {int(buf.max())}, outside the model's vocabulary of "
-                    f"{vocab}: it was prepared with another tokenizer"
-                )
-            buf = torch.from_numpy(buf.astype(np.int64)).to(device)
-            x, y = buf[:, :-1], buf[:, 1:]  # (b, T) inputs and next-token targets
-            # No (b, T, V) logits: at 64 x 1024 tokens they would take 6.6 GB in bf16 and twice that
-            # in float32; the losses are made from the hidden states a chunk of positions at a time.
-            with autocast(device, autocast_dtype):
-                losses = token_nll(gpt, hidden_at(gpt, x), y.reshape(-1))  # (b * T,)
-            sums = losses.double().view(len(batch), seq_len).sum(dim=1)  # (b,) summed NLL per window
-            per_window[batch[0] : batch[-1] + 1 : world_size] = sums  # windows r, r + W, ... of this rank
-            bar.update(len(batch))
-    per_window = all_reduce_sum(per_window)
+    def score(batch: list[int]) -> torch.Tensor:
+        buf = np.stack([np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1]) for w in batch])  # (b, T + 1)
+        if int(buf.max()) >= vocab:
+            raise GPT2LabError(
+                f"the validation data holds token id {int(buf.max())}, outside the model's vocabulary of "
+                f"{vocab}: it was prepared with another tokenizer"
+            )
+        buf = torch.from_numpy(buf.astype(np.int64)).to(device)
+        x, y = buf[:, :-1], buf[:, 1:]  # (b, T) inputs and next-token targets
+        # No (b, T, V) logits: at 64 x 1024 tokens they would take 6.6 GB in bf16 and twice that
+        # in float32; the losses are made from the hidden states a chunk of positions at a time.
+        with autocast(device, ctx.autocast_dtype):
+            losses = token_nll(gpt, hidden_at(gpt, x), y.reshape(-1))  # (b * T,)
+        return losses.double().view(len(batch), seq_len).sum(dim=1)  # (b,) summed NLL per window
+
+    per_window = windowed_sum(gpt, n_windows, ctx, score, "val loss")
     n_tokens = n_windows * seq_len
     loss = float(per_window.cpu().sum()) / n_tokens  # summed in window order on every rank
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "tokens": n_tokens,
-        "windows": n_windows,
-        "seq_len": seq_len,
-    }
+    return ValLossResult(loss, n_tokens, n_windows, seq_len)

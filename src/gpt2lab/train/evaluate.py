@@ -1,11 +1,13 @@
 """What the loop evaluates every `eval.every` steps, and the hook where evaluations plug in.
 
-Validation loss and HellaSwag come from `gpt2lab.eval.during_training.eval_metrics`: the val split's
-first `eval.val_tokens` tokens, cut into fixed windows that every rank count shares, so the number is
-the same for one process or eight. A short sample from a fixed prompt and seed shows progress in words.
+Validation loss and HellaSwag are gpt2lab.eval's own functions, called with the loop's EvalContext:
+the val split's first `eval.val_tokens` tokens, cut into fixed windows that every rank count shares, so
+the number is the same for one process or eight. A short sample from a fixed prompt and seed shows
+progress in words.
 
 Any other evaluation is an `EvalTask`: a callable run on every rank with the (possibly DDP- or
-compile-wrapped) model and an `EvalContext`, returning a flat dict of numbers for metrics.jsonl, e.g.
+compile-wrapped) model and the EvalContext (its `step`, `tokenizer` and `seq_len` filled in by the
+loop), returning a flat dict of numbers for metrics.jsonl, e.g.
 
     def my_task(model, ctx):
         return {"my_accuracy": 0.42}
@@ -17,32 +19,18 @@ Named tasks (`eval.tasks = ["hellaswag"]` in a config) are listed in NAMED_TASKS
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from ..errors import GPT2LabError
+from ..eval.common import EvalContext
 from ..generate import SamplingParams, generate
 from ..model import GPT
 from ..runtime import rng_state, set_rng_state
 from ..tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class EvalContext:
-    """Where an evaluation runs: the step, this rank's place and device, the precision, the tokenizer."""
-
-    step: int
-    rank: int
-    world_size: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    tokenizer: Tokenizer
-    seq_len: int
-    batch_size: int
-
+__all__ = ["NAMED_TASKS", "EvalContext", "EvalTask", "Evaluator", "describe", "sample_text"]
 
 EvalTask = Callable[[nn.Module, EvalContext], dict[str, float]]
 
@@ -66,40 +54,34 @@ class Evaluator:
         rank: int,
         world_size: int,
     ) -> None:
-        from ..eval import during_training
+        from ..eval.val_loss import open_val_tokens
 
         unknown = [t for t in tasks if t not in NAMED_TASKS]
         if unknown:
             raise GPT2LabError(f"eval.tasks: unknown task {unknown[0]!r}; available: {', '.join(NAMED_TASKS)}")
         self.tokenizer = tokenizer
         self.val_tokens = val_tokens
-        self.val_data = during_training.open_val_tokens(data_dir, tokenizer) if val_tokens > 0 else None
+        self.val_data = open_val_tokens(data_dir, tokenizer) if val_tokens > 0 else None
         self.hellaswag_items = None
         if "hellaswag" in tasks:
             from ..eval import hellaswag
 
+            # Rank 0 downloads the file once, the others wait for it.
             self.hellaswag_items = hellaswag.load_validation(rank=rank, world_size=world_size)
         self.extra = list(extra)
 
     def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        from ..eval import during_training
+        from ..eval import hellaswag
+        from ..eval.val_loss import val_loss
 
         saved = rng_state()
         try:
-            metrics = during_training.eval_metrics(
-                model,
-                device=ctx.device,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-                autocast_dtype=ctx.autocast_dtype,
-                val_data=self.val_data,
-                val_max_tokens=self.val_tokens,
-                val_batch_size=ctx.batch_size,
-                val_seq_len=ctx.seq_len,
-                hellaswag_items=self.hellaswag_items,
-                hellaswag_batch_size=ctx.batch_size,
-                tokenizer=self.tokenizer,
-            )
+            metrics: dict[str, Any] = {}
+            if self.val_data is not None:
+                result = val_loss(model, self.val_data, ctx, max_tokens=self.val_tokens, seq_len=ctx.seq_len)
+                metrics.update(result.metrics())
+            if self.hellaswag_items is not None:
+                metrics.update(hellaswag.evaluate(model, self.tokenizer, self.hellaswag_items, ctx).metrics())
             for task in self.extra:
                 metrics.update(task(model, ctx))
         finally:
