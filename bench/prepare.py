@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def shakespeare() -> Path:
-    from gpt2lab.data.sources import PRESETS, bundled_text
+    from gpt2lab.data.sources import CORPUS_PRESETS, bundled_text
 
-    return bundled_text(PRESETS["tinyshakespeare"])
+    return bundled_text(CORPUS_PRESETS["tinyshakespeare"])
 
 
 def best_of(repeats: int, fn) -> float:

@@ -53,9 +53,9 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
-    from gpt2lab.data.sources import PRESETS, bundled_text
+    from gpt2lab.data.sources import CORPUS_PRESETS, bundled_text
 
-    text = bundled_text(PRESETS["tinyshakespeare"]).read_text(encoding="utf-8") * args.copies
+    text = bundled_text(CORPUS_PRESETS["tinyshakespeare"]).read_text(encoding="utf-8") * args.copies
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     with tempfile.TemporaryDirectory(prefix="gpt2lab-startup-") as tmp:

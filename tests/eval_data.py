@@ -1,13 +1,10 @@
 """Shared by the eval tests: HellaSwag items in the official schema (rowanz/hellaswag
-data/hellaswag_val.jsonl) and a fixture running torch on one thread."""
+data/hellaswag_val.jsonl); conftest's `items_file` fixture writes them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
-import torch
 
 
 def _item(ind: int, ctx_a: str, ctx_b: str, endings: list[str], label: int, source: str = "activitynet") -> dict:
@@ -86,13 +83,3 @@ ITEMS = [
 def write_items(path: Path, items: list[dict] | None = None) -> Path:
     path.write_text("".join(json.dumps(item) + "\n" for item in (ITEMS if items is None else items)))
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The eval tests' models are tiny: one thread is as fast, and does not slow down when other jobs
-    keep the machine's cores busy (a second thread then mostly waits for its turn)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

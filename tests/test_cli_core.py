@@ -1,17 +1,9 @@
 import pytest
 import torch
-from conftest import run_cli_subprocess
-from helpers import hf_gpt2
+from helpers import run_cli_subprocess
 
 from gpt2lab import load_model
 from gpt2lab.cli import COMMANDS
-
-
-@pytest.fixture
-def hf_dir(tmp_path):
-    hf = hf_gpt2(seed=11)
-    hf.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -122,6 +114,7 @@ def test_bad_input_is_one_line_without_traceback(cli, hf_dir, tmp_path, args, me
     assert "Traceback" not in result.err
 
 
+@pytest.mark.subprocess
 def test_subprocess_exit_code_and_message(tmp_path):
     proc = run_cli_subprocess("sample", "--model", tmp_path / "missing-dir")
     assert proc.returncode == 1

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -43,6 +43,7 @@ def test_the_makefile_sets_the_documented_variables():
 
 
 @pytest.mark.skipif(not X86_64, reason="AVX2 is an x86-64 instruction set")
+@pytest.mark.subprocess
 def test_torch_and_onednn_run_as_an_avx2_cpu():
     env = {**subprocess_env(), **makefile_avx2_env(), "ONEDNN_VERBOSE": "1"}
     proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)

@@ -8,24 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2lab.data import ShardLoader, open_split_tokens, shards
+from gpt2lab.data import ShardLoader, open_split_tokens
 from gpt2lab.data.prepare import PrepareOptions, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import get_tokenizer
-
-# Uneven shards; each token's value is its position in the split, so batches show where they came from.
-SHARD_SIZES = (1000, 1537, 3, 700)
-
-
-@pytest.fixture
-def positions_dir(tmp_path):
-    """An llm.c-style directory (no manifest): train tokens 0..3239 in 4 shards, val 0..299."""
-    start = 0
-    for i, n in enumerate(SHARD_SIZES):
-        shards.write_shard(tmp_path / f"pos_train_{i + 1:06d}.bin", np.arange(start, start + n))
-        start += n
-    shards.write_shard(tmp_path / "pos_val_000000.bin", np.arange(300))
-    return tmp_path
 
 
 def epoch_windows(data_dir, world_size, **kw):
@@ -50,7 +36,7 @@ def epoch_windows(data_dir, world_size, **kw):
 def test_every_position_once_per_epoch_and_ranks_disjoint(positions_dir, world_size):
     B, T = 4, 16
     starts, steps = epoch_windows(positions_dir, world_size, batch_size=B, seq_len=T, seed=0, shuffle=False)
-    total = sum(SHARD_SIZES)
+    total = 1000 + 1537 + 3 + 700  # positions_dir's train shards
     assert steps == ((total - 1) // T) // (B * world_size)
     all_starts = sorted(s for r in starts for s in starts[r])
     assert all_starts == list(range(0, steps * B * world_size * T, T))  # each window once, none skipped

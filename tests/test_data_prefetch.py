@@ -6,25 +6,12 @@ import json
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from gpt2lab.data import ShardLoader, shards
+from gpt2lab.data import ShardLoader
 from gpt2lab.data.prefetch import PrefetchLoader
 from gpt2lab.errors import GPT2LabError
-
-SHARD_SIZES = (1000, 1537, 3, 700)
-
-
-@pytest.fixture
-def positions_dir(tmp_path):
-    """Train tokens 0..3239 in 4 uneven shards: each token is its position in the split."""
-    start = 0
-    for i, n in enumerate(SHARD_SIZES):
-        shards.write_shard(tmp_path / f"pos_train_{i + 1:06d}.bin", np.arange(start, start + n))
-        start += n
-    return tmp_path
 
 
 def prefetch_threads() -> list[threading.Thread]:

@@ -17,20 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SHAKESPEARE_SHA256, shakespeare_text, subprocess_env
+from helpers import REPO, SHAKESPEARE_SHA256, shakespeare_text, subprocess_env
 
 from gpt2lab.data import outdir, read_manifest, shards
 from gpt2lab.data import prepare as prepare_module
 from gpt2lab.data.prepare import PrepareOptions, prepare
-from gpt2lab.data.sources import PRESETS, bundled_text
+from gpt2lab.data.sources import CORPUS_PRESETS, bundled_text
 from gpt2lab.data.text import DocumentPieces, safe_cut
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.tokenizer import get_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer()
 
 
 def run(source, out, **kw):
@@ -239,6 +233,7 @@ def test_hugging_face_source_streams_with_datasets(tmp_path, tok):
         run(f"hf:{tmp_path / 'ds'}", tmp_path / "out3", hf_split="nosuchsplit")
 
 
+@pytest.mark.subprocess
 def test_tinyshakespeare_preset_reads_the_bundled_copy_offline(tmp_path, offline_env, cli, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the tinyshakespeare preset must not use the network")
@@ -249,7 +244,7 @@ def test_tinyshakespeare_preset_reads_the_bundled_copy_offline(tmp_path, offline
     m = read_manifest(tmp_path / "out")
     assert m["source"]["preset"] == "tinyshakespeare" and m["total_tokens"] == 338_026
     assert m["source"]["sha256"] == SHAKESPEARE_SHA256
-    assert m["source"]["url"] == PRESETS["tinyshakespeare"].url  # where the bundled text comes from
+    assert m["source"]["url"] == CORPUS_PRESETS["tinyshakespeare"].url  # where the bundled text comes from
     assert m["shards"][0]["file"] == "tinyshakespeare_val_000000.bin"
     cached = offline_env / "gpt2lab" / "tinyshakespeare.txt"
     assert m["source"]["path"] == str(cached)
@@ -259,15 +254,15 @@ def test_tinyshakespeare_preset_reads_the_bundled_copy_offline(tmp_path, offline
     assert r.code == 0 and "already prepared" in r.out
     # A damaged copy in the cache is replaced from the package, not used.
     cached.write_text("not Shakespeare", encoding="utf-8")
-    assert bundled_text(PRESETS["tinyshakespeare"]) == cached
+    assert bundled_text(CORPUS_PRESETS["tinyshakespeare"]) == cached
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
 
 
 def test_a_damaged_bundle_is_a_clear_error(offline_env):
-    wrong = dataclasses.replace(PRESETS["tinyshakespeare"], name="wrong-hash", sha256="0" * 64)
+    wrong = dataclasses.replace(CORPUS_PRESETS["tinyshakespeare"], name="wrong-hash", sha256="0" * 64)
     with pytest.raises(GPT2LabError, match=f"has sha256 {SHAKESPEARE_SHA256}, expected 0{{64}}: .* reinstall"):
         bundled_text(wrong)
-    missing = dataclasses.replace(PRESETS["tinyshakespeare"], name="missing", bundled="missing.txt.gz")
+    missing = dataclasses.replace(CORPUS_PRESETS["tinyshakespeare"], name="missing", bundled="missing.txt.gz")
     with pytest.raises(GPT2LabError, match="cannot unpack the bundled missing text .*missing.txt.gz"):
         bundled_text(missing)
     cache = offline_env / "gpt2lab"
@@ -277,6 +272,7 @@ def test_a_damaged_bundle_is_a_clear_error(offline_env):
 # --- determinism and resume -------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_one_and_two_workers_write_identical_shards(tmp_path, shakespeare_path, monkeypatch):
     opts = {"shard_tokens": 30_000, "piece_chars": 20_000, "val_tokens": 45_000}
     for workers in (1, 2):
@@ -335,6 +331,7 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, shakespeare_path,
         assert dir_bytes(Path("out")) == reference
 
 
+@pytest.mark.subprocess
 def test_sigkill_then_rerun_gives_identical_output(tmp_path, shakespeare_path, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -373,6 +370,7 @@ def test_sigkill_then_rerun_gives_identical_output(tmp_path, shakespeare_path, m
 # --- the output directory ---------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_rerun_is_a_no_op_and_other_corpora_are_not_overwritten(tmp_path, cli):
     (tmp_path / "a.txt").write_text("corpus A " * 300)
     (tmp_path / "b.txt").write_text("corpus B " * 300)
@@ -398,6 +396,7 @@ def test_non_empty_directory_is_refused(tmp_path, cli):
     assert r.code == 1 and "is not empty (it has keep.me)" in r.err
 
 
+@pytest.mark.subprocess
 def test_manifest_made_with_another_tokenizer(tmp_path, cli):
     (tmp_path / "a.txt").write_text("some text " * 100)
     out = tmp_path / "out"
@@ -410,6 +409,7 @@ def test_manifest_made_with_another_tokenizer(tmp_path, cli):
     assert r.code == 1 and "another tokenizer" in r.err and len(r.err.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 def test_truncated_shard_in_a_prepared_directory_is_named(tmp_path, cli):
     (tmp_path / "a.txt").write_text("some text " * 100)
     out = tmp_path / "out"
@@ -484,6 +484,7 @@ def test_cli_help_and_bad_count(cli):
     assert r.code == 2 and "argument --ext: '' is not a file suffix; give suffixes like py,c,rs" in r.err
 
 
+@pytest.mark.subprocess
 def test_subprocess_exit_code_for_bad_input(tmp_path):
     """A real process: one line on stderr, exit status 1, no traceback."""
     r = subprocess.run(

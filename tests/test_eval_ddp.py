@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
-from eval_data import ITEMS, one_torch_thread, write_items  # noqa: F401 (autouse fixture)
-from helpers import gpt2lab_twin, hf_gpt2
+from eval_data import ITEMS, write_items
+from helpers import gpt2lab_twin, hf_gpt2, subprocess_env
 
 from gpt2lab import get_tokenizer
 from gpt2lab.data import write_shard
 from gpt2lab.eval import EvalContext, hellaswag, perplexity, val_loss
 
 WORKER = Path(__file__).with_name("eval_ddp_worker.py")
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.usefixtures("one_thread")]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, shakespeare_path):

@@ -2,29 +2,14 @@ import json
 
 import pytest
 import torch
-from eval_data import ITEMS, one_torch_thread, write_items  # noqa: F401 (autouse fixture)
+from eval_data import ITEMS, write_items
 from helpers import gpt2lab_twin, hf_gpt2
 
-from gpt2lab import GPT2LabError, get_tokenizer
+from gpt2lab import GPT2LabError
 from gpt2lab.eval import HELLASWAG_REFERENCES, hellaswag
 from gpt2lab.eval.common import EvalContext
 
-
-@pytest.fixture(scope="module")
-def models():
-    # A wider weight spread than GPT-2's 0.02 init, so the four candidates' losses differ clearly.
-    hf = hf_gpt2(seed=5, initializer_range=0.2)
-    return hf, gpt2lab_twin(hf)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer()
-
-
-@pytest.fixture
-def items_file(tmp_path):
-    return write_items(tmp_path / "hellaswag_val.jsonl")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force(hf, tok, record):
@@ -147,12 +132,6 @@ def test_vocab_mismatch_is_refused(tok, items_file):
     small = gpt2lab_twin(hf_gpt2(seed=1, vocab_size=1000))
     with pytest.raises(GPT2LabError, match="vocabulary of 1000 tokens but the 'gpt2' tokenizer has 50257"):
         hellaswag.evaluate(small, tok, hellaswag.read_items(items_file))
-
-
-@pytest.fixture
-def hf_dir(tmp_path, models):
-    models[0].save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
 
 
 def test_cli_table_and_json(cli, hf_dir, items_file, tmp_path, models, tok):

@@ -3,29 +3,18 @@ import math
 
 import pytest
 import torch
-from eval_data import one_torch_thread  # noqa: F401 (autouse fixture)
-from helpers import gpt2lab_twin, hf_gpt2
 
-from gpt2lab import GPT2LabError, get_tokenizer
+from gpt2lab import GPT2LabError
 from gpt2lab.eval import EvalContext, perplexity
 from gpt2lab.eval.perplexity import Window, sliding_windows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
     "Café, naïve, 東京 — bytes and tokens differ here.\n"
 )
-
-
-@pytest.fixture(scope="module")
-def models():
-    hf = hf_gpt2(seed=7, initializer_range=0.1)
-    return hf, gpt2lab_twin(hf)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer()
 
 
 def test_windows_score_every_token_but_the_first_once():

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_data import one_torch_thread, write_items  # noqa: F401 (autouse fixture)
 from helpers import gpt2lab_twin, hf_gpt2
 
 from gpt2lab import GPT2LabError, get_tokenizer
@@ -17,16 +16,7 @@ from gpt2lab.eval.common import EvalContext
 from gpt2lab.eval.val_loss import DEFAULT_MAX_TOKENS, val_loss
 from gpt2lab.train.evaluate import Evaluator
 
-
-@pytest.fixture(scope="module")
-def models():
-    hf = hf_gpt2(seed=11, initializer_range=0.1)
-    return hf, gpt2lab_twin(hf)
-
-
-@pytest.fixture
-def items_file(tmp_path):
-    return write_items(tmp_path / "items.jsonl")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers import subprocess_env
 
 pytestmark = pytest.mark.subprocess
 
@@ -60,8 +60,21 @@ def help_code(*args: str) -> str:
         help_code("prepare", "--help"),
         help_code("tokenizer", "--help"),
         help_code("tokenizer", "train", "--help"),
+        "from gpt2lab.train import TrainConfig, load_train_config, to_toml",
+        help_code("train", "--help"),
     ],
-    ids=["gpt2lab", "cli", "data", "data-names", "help", "prepare-help", "tokenizer-help", "tokenizer-train-help"],
+    ids=[
+        "gpt2lab",
+        "cli",
+        "data",
+        "data-names",
+        "help",
+        "prepare-help",
+        "tokenizer-help",
+        "tokenizer-train-help",
+        "train-config",
+        "train-help",
+    ],
 )
 def test_no_torch(code):
     assert heavy_modules_after(code) == []

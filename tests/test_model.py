@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.config import MODEL_PRESETS, GPTConfig
 from gpt2lab.model import GPT, KVCache, Linear, count_parameters, unwrap
 
 
@@ -171,7 +171,7 @@ def test_config_round_trip_and_unknown_fields():
         GPTConfig.from_dict({**cfg.to_dict(), "n_lyer": 3})
     with pytest.raises(ValueError, match="unknown model preset"):
         GPTConfig.from_preset("gpt5")
-    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert set(MODEL_PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
 
 
 def test_unwrap_finds_the_gpt_inside_ddp_and_compile_wrappers():

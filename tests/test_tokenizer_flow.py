@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_utils import one_thread, tiny_config, tiny_corpus  # noqa: F401 (autouse fixture)
+from train_utils import tiny_config
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.data.prepare import PrepareOptions, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import get_tokenizer
 from gpt2lab.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,9 @@ def test_custom_tokenizer_end_to_end(custom, tmp_path, cli):
         torch.testing.assert_close(hf_model(ids).logits, model(ids)[0], rtol=0, atol=1e-4)
 
 
-def test_mismatched_tokenizer_is_refused(custom, tmp_path):
+def test_mismatched_tokenizer_is_refused(custom, corpus, tmp_path):
     tok, data = custom
-    gpt2_data = tiny_corpus(tmp_path)
+    gpt2_data = corpus
     run = tmp_path / "gpt2-run"
     train(tiny_config(gpt2_data, run, train={"max_steps": 2}, checkpoint={"every": 2}), progress=False)
 

@@ -131,6 +131,7 @@ def test_vocab_mismatch_between_model_and_tokenizer(trained, tmp_path):
         load_model_and_tokenizer(tmp_path / "ckpt", tokenizer=trained.path)
 
 
+@pytest.mark.subprocess
 def test_cli_train_stats_and_prepare_with_the_tokenizer(cli, shakespeare_path, tmp_path):
     from gpt2lab.data import ShardLoader, data_tokenizer, read_manifest
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch._dynamo
-from train_utils import one_thread, tiny_config, tiny_corpus, train_losses  # noqa: F401 (autouse fixture)
+from train_utils import tiny_config, train_losses
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.model import GPT, Linear
 from gpt2lab.train import train
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab.config import TrainConfig, load_train_config, parse_override, to_toml
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.train import gradient_accumulation
+from gpt2lab.train.config import TrainConfig, load_train_config, parse_override, to_toml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -10,22 +10,20 @@ import sys
 
 import pytest
 import torch
-from conftest import subprocess_env
+from helpers import subprocess_env
 from safetensors.torch import load_file
-from train_utils import one_thread, tiny_config, tiny_corpus, train_losses  # noqa: F401 (autouse fixture)
+from train_utils import tiny_config, train_losses
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab.config import to_toml
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.train import train
+from gpt2lab.train.config import to_toml
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_compiled_ddp_with_accumulation_equals_one_process(corpus, tmp_path):
     # 2 ranks x 2 micro-steps x 4 sequences against 1 rank x 4 micro-steps: the same 16 sequences a step.
     # The compiled graph (aot_eager: dynamo and AOTAutograd, no code generation) computes the loss with

@@ -7,14 +7,11 @@ import sys
 
 import pytest
 import torch
-from train_utils import one_thread, tiny_config, tiny_corpus, train_losses  # noqa: F401 (autouse fixture)
+from train_utils import tiny_config, train_losses
 
 from gpt2lab.train import loop, train
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_device_read_per_step_and_no_tensors_from_python_values(corpus, tmp_path, monkeypatch):

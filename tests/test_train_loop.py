@@ -13,21 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from helpers import subprocess_env
 from safetensors.torch import load_file
-from train_utils import one_thread, tiny_config, tiny_corpus, train_losses  # noqa: F401 (autouse fixture)
+from train_utils import tiny_config, train_losses
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab.config import to_toml
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval import EvalContext
 from gpt2lab.model import GPT
 from gpt2lab.train import train
+from gpt2lab.train.config import to_toml
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -108,8 +105,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, cli, nan_at_
     assert "non-finite loss (nan) at step 5: training stopped" in result.err
     assert "last good checkpoint is" in result.err and "step_00000004" in result.err
     assert [p.name for p in ckpt.find_checkpoints(run)] == ["step_00000002", "step_00000004"]
-    meta, w, _, state = ckpt.load_training_checkpoint(ckpt.find_latest_training(run))
-    assert state["step"] == 4 and all(torch.isfinite(t).all() for t in w.values())
+    _, states = ckpt.load_training_checkpoint(ckpt.find_latest_training(run))
+    assert states["counters"]["step"] == 4 and all(torch.isfinite(t).all() for t in states["model"].values())
 
 
 def test_skip_nonfinite_steps_over_bad_batches(corpus, tmp_path, nan_at_step):
@@ -139,14 +136,14 @@ def test_failed_checkpoint_write_is_an_error_and_keeps_the_previous(corpus, tmp_
         train(tiny_config(corpus, run), progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]  # no half-written leftovers
     assert ckpt.load_model(run).config.n_layer == 2
-    assert ckpt.load_training_checkpoint(run / "checkpoints" / "step_00000004")[3]["step"] == 4
+    assert ckpt.load_training_checkpoint(run / "checkpoints" / "step_00000004")[1]["counters"]["step"] == 4
 
 
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 import gpt2lab.checkpoint as C
-from gpt2lab.config import load_train_config
+from gpt2lab.train.config import load_train_config
 from gpt2lab.train import train
 
 real = C.write_model_files
@@ -162,6 +159,7 @@ train(load_train_config(sys.argv[1]), progress=False)
 """
 
 
+@pytest.mark.subprocess
 def test_kill_9_during_checkpoint_write_loses_nothing_before_it(corpus, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(corpus, run)
@@ -192,6 +190,7 @@ def test_kill_9_during_checkpoint_write_loses_nothing_before_it(corpus, tmp_path
     assert train_losses(run) == train_losses(tmp_path / "straight")
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(corpus, run, train={"max_steps": 100000}, checkpoint={"every": 0})
@@ -213,7 +212,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert child.returncode == 0, err
     assert "SIGTERM received: stopped after step" in out and "stopped at step" in out
     latest = ckpt.find_latest_training(run)
-    step = ckpt.load_training_checkpoint(latest)[3]["step"]
+    step = ckpt.load_training_checkpoint(latest)[1]["counters"]["step"]
     assert 3 <= step < 100000 and latest.name == f"step_{step:08d}"
     assert len(train_losses(run)) == step
 
@@ -255,8 +254,8 @@ def test_finetune_from_a_checkpoint_and_from_hugging_face(corpus, tmp_path):
     cfg = tiny_config(corpus, tuned, shape=False, train={"init_from": str(base), "max_steps": 2}, eval={"every": 2})
     train(cfg, progress=False)
     assert val_losses(tuned)[0] == val_losses(base)[8]  # starts from exactly the base weights
-    state = ckpt.load_training_checkpoint(ckpt.find_latest_training(tuned))[3]
-    assert state["step"] == 2  # a fresh optimizer and schedule
+    states = ckpt.load_training_checkpoint(ckpt.find_latest_training(tuned))[1]
+    assert states["counters"]["step"] == states["schedule"]["step"] == 2  # a fresh optimizer and schedule
 
     hf_dir = tmp_path / "hf"
     hf_gpt2(seed=3, n_positions=32).save_pretrained(hf_dir)
@@ -331,6 +330,7 @@ def test_tensorboard_logs_or_a_clear_error(corpus, tmp_path):
         assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+@pytest.mark.subprocess
 def test_ddp_on_two_processes_equals_gradient_accumulation(corpus, tmp_path):
     # 2 ranks x 1 micro-batch of 4 sequences vs 1 rank x 2 micro-steps: the same 8 sequences per step.
     sections = dict(train={"max_steps": 5}, eval={"every": 5})

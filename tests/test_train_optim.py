@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from train_utils import one_thread  # noqa: F401 (autouse fixture)
 
-from gpt2lab.config import GPTConfig, OptimSection
+from gpt2lab.config import GPTConfig
 from gpt2lab.losses import linear_cross_entropy
 from gpt2lab.model import GPT
+from gpt2lab.train.config import OptimSection
 from gpt2lab.train.optim import (
     build_optimizer,
     load_optimizer_state,
@@ -19,6 +19,8 @@ from gpt2lab.train.optim import (
     optimizer_state_tensors,
     param_groups,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPE = OptimSection()  # build-nanogpt: 6e-4 -> 6e-5, 715 warmup steps
 

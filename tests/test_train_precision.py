@@ -9,20 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import one_thread, tiny_config, tiny_corpus, train_losses  # noqa: F401 (autouse fixture)
+from train_utils import tiny_config, train_losses
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import distributed as D
-from gpt2lab.config import load_train_config, to_toml
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.runtime import deterministic, deterministic_cublas
 from gpt2lab.train import train
+from gpt2lab.train.config import load_train_config, to_toml
 from gpt2lab.train.loop import Trainer
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -43,7 +40,8 @@ def records(run: Path, kind: str) -> list[dict]:
 
 
 def trainer_state(run: Path, step: int) -> dict:
-    return ckpt.load_training_checkpoint(ckpt.checkpoint_dir(run, step))[3]
+    """The checkpoint's trainer.json as it is on disk."""
+    return json.loads((ckpt.checkpoint_dir(run, step) / ckpt.TRAINER_FILE).read_text())
 
 
 def test_fp16_with_loss_scaling_resumes_exactly(corpus, tmp_path, eager_scaler):

@@ -1,32 +1,12 @@
-"""Builders shared by the training tests: a small prepared corpus and tiny run configs."""
+"""Builders shared by the training tests: tiny run configs, and the losses a run recorded. The
+prepared corpus they train on is conftest's `corpus` fixture."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
-import torch
-from conftest import shakespeare_text
-
-from gpt2lab.config import TrainConfig
-
-_PREPARED: dict[str, Path] = {}
-
-
-def tiny_corpus(root: Path, chars: int = 60_000, val_tokens: int = 2048) -> Path:
-    """The first `chars` characters of Tiny Shakespeare, prepared into shards (once per session)."""
-    key = f"{chars}-{val_tokens}"
-    if key in _PREPARED and _PREPARED[key].is_dir():
-        return _PREPARED[key]
-    from gpt2lab.data.prepare import PrepareOptions, prepare
-
-    text = root / f"shakespeare-{key}.txt"
-    text.write_text(shakespeare_text()[:chars], encoding="utf-8")
-    out = root / f"data-{key}"
-    prepare(PrepareOptions(source=str(text), out=out, val_tokens=val_tokens, workers=1, progress=False))
-    _PREPARED[key] = out
-    return out
+from gpt2lab.train.config import TrainConfig
 
 
 def tiny_config(data_dir: Path, out_dir: Path, shape: bool = True, **sections: dict) -> TrainConfig:
@@ -57,13 +37,3 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) of every train record in RUN/metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning threads
-    make every op wait for a core (see docs/performance.md); the training tests use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

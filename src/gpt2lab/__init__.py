@@ -23,7 +23,7 @@ _EXPORTS = {
     "GPT": "model",
     "KVCache": "model",
     "GPTConfig": "config",
-    "PRESETS": "config",
+    "MODEL_PRESETS": "config",
     "GPT2LabError": "errors",
     "SamplingParams": "generate",
     "generate": "generate",
@@ -37,7 +37,7 @@ _EXPORTS = {
 
 __all__ = [
     "GPT",
-    "PRESETS",
+    "MODEL_PRESETS",
     "GPT2LabError",
     "GPTConfig",
     "KVCache",
@@ -54,7 +54,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .checkpoint import load_model, save_model
-    from .config import PRESETS, GPTConfig
+    from .config import MODEL_PRESETS, GPTConfig
     from .errors import GPT2LabError
     from .generate import SamplingParams, generate, generate_tokens, stream_text
     from .model import GPT, KVCache

@@ -42,26 +42,30 @@ def model_weights(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def write_model_files(
-    folder: Path, model: GPT, tokenizer: Tokenizer | dict[str, Any], extra: dict[str, Any] | None = None
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    config: GPTConfig,
+    tokenizer: Tokenizer | dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write model.safetensors and gpt2lab.json into an existing (temporary) folder.
+    """Write model.safetensors (`weights`, from `model_weights`) and gpt2lab.json into an existing
+    (temporary) folder.
 
     A trained tokenizer (one with its own directory) is copied into `tokenizer/`, so the checkpoint
     carries everything `sample`, `eval` and `convert` need; GPT-2's is recorded by name and hash.
     """
-    model = unwrap(model)
     if isinstance(tokenizer, Tokenizer):
         tokenizer_info = tokenizer.info()
         if tokenizer.path is not None:
             copy_tokenizer_files(tokenizer, folder / TOKENIZER_SUBDIR)
     else:
         tokenizer_info = tokenizer
-    atomic_save_safetensors(folder / WEIGHTS_FILE, model_weights(model), metadata={"format": "pt"})
+    atomic_save_safetensors(folder / WEIGHTS_FILE, weights, metadata={"format": "pt"})
     meta = {
         "format": "gpt2lab",
         "format_version": FORMAT_VERSION,
         "gpt2lab_version": __version__,
-        "model": model.config.to_dict(),
+        "model": config.to_dict(),
         "tokenizer": tokenizer_info,
         **(extra or {}),
     }
@@ -80,7 +84,7 @@ def save_model(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise GPT2LabError(f"{out} already exists and is not empty; choose a new --out or pass --overwrite")
     with atomic_dir(out, overwrite=True) as tmp:
-        write_model_files(tmp, model, tokenizer, extra)
+        write_model_files(tmp, model_weights(model), unwrap(model).config, tokenizer, extra)
     return out
 
 
@@ -219,9 +223,19 @@ def load_model_and_tokenizer(
 #
 #   checkpoints/step_00001000/
 #     model.safetensors       weights (as above)
-#     gpt2lab.json            as above, plus "training": {"step", "tokens", "val_loss", "config"}
+#     gpt2lab.json            as above, plus "training": {"step", "tokens", "val_loss", "config", ...}
 #     optimizer.safetensors   AdamW state tensors, named "<parameter name>.<exp_avg|exp_avg_sq|step>"
-#     trainer.json            step and token counters, optimizer groups, and per rank: RNG + loader state
+#     trainer.json            counters, optimizer groups, schedule, loss scaler, and per rank: RNG + loader
+#
+# The trainer hands over its state as a dict of components, each one's state_dict() (see
+# gpt2lab.train.state), and gets the same dict back from load_training_checkpoint. They are laid out
+# as every trainer.json so far has them:
+#
+#   "model"        -> model.safetensors
+#   "optimizer"    -> its "tensors" to optimizer.safetensors, the rest to trainer.json "optimizer"
+#   "counters"     -> trainer.json's top level ("step", "tokens", "skipped_steps", "best_val_loss")
+#   "ranks"        -> trainer.json "ranks" (a list: each rank's per-rank components), and "world_size"
+#   any other      -> trainer.json under its own name, left out when empty ("grad_scaler", "schedule")
 #
 # The directory is built under a hidden temporary name and renamed into place, so `step_*` directories
 # are always complete; a kill -9 mid-write leaves only a hidden `.step_*.tmp-*` directory, which the
@@ -229,6 +243,8 @@ def load_model_and_tokenizer(
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer.json"
+COUNTERS = ("step", "tokens", "skipped_steps", "best_val_loss")
+_TRAINER_KEYS = {*COUNTERS, "world_size", "optimizer", "ranks"}
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -249,27 +265,36 @@ def find_latest_training(run_dir: str | os.PathLike) -> Path | None:
 def save_training_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    model: GPT,
-    tokenizer_info: dict[str, Any],
-    optimizer_tensors: dict[str, torch.Tensor],
-    trainer_state: dict[str, Any],
+    states: dict[str, Any],
+    config: GPTConfig,
+    tokenizer: Tokenizer | dict[str, Any],
     training_meta: dict[str, Any],
 ) -> Path:
     """Write `checkpoints/step_<step>/` of `run_dir` atomically and return it.
 
-    A checkpoint that already exists for this step is left as it is (the state of a run is a function
-    of its step, and replacing it would briefly leave no complete copy). A failure to write (full disk,
-    permissions) raises GPT2LabError and leaves every earlier checkpoint as it was.
+    `states` is the dict of components above: "model", "optimizer", "counters", "ranks", and any
+    others; `config` is the model's shape. A checkpoint that already exists for this step is left as
+    it is (the state of a run is a function of its step, and replacing it would briefly leave no
+    complete copy). A failure to write (full disk, permissions) raises GPT2LabError and leaves every
+    earlier checkpoint as it was.
     """
     dest = checkpoint_dir(run_dir, step)
     if is_training_checkpoint(dest):
         return dest
+    optimizer = dict(states["optimizer"])
+    optimizer_tensors = optimizer.pop("tensors")
+    ranks = states["ranks"]
+    trainer = {**states["counters"], "world_size": len(ranks), "optimizer": optimizer, "ranks": ranks}
+    for name, state in states.items():
+        if name not in ("model", "optimizer", "counters", "ranks") and state:
+            assert name not in _TRAINER_KEYS, name
+            trainer[name] = state
     try:
         with atomic_dir(dest, overwrite=True) as tmp:
             atomic_save_safetensors(tmp / OPTIMIZER_FILE, optimizer_tensors, metadata={"format": "pt"})
-            atomic_write_json(tmp / TRAINER_FILE, trainer_state)
+            atomic_write_json(tmp / TRAINER_FILE, trainer)
             # gpt2lab.json last: a directory holding it is a complete checkpoint.
-            write_model_files(tmp, model, tokenizer_info, {"training": training_meta})
+            write_model_files(tmp, states["model"], config, tokenizer, {"training": training_meta})
     except OSError as e:
         previous = find_latest_training(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -280,10 +305,9 @@ def save_training_checkpoint(
     return dest
 
 
-def load_training_checkpoint(
-    folder: str | os.PathLike,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(metadata, model weights, optimizer tensors, trainer state) of a training checkpoint, on the CPU."""
+def load_training_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, states) of a training checkpoint: gpt2lab.json, and the dict of components that
+    `save_training_checkpoint` was given, its tensors on the CPU."""
     folder = Path(folder)
     if not is_training_checkpoint(folder):
         raise GPT2LabError(
@@ -291,11 +315,24 @@ def load_training_checkpoint(
             "to start from its weights with a fresh optimizer use --init-from instead"
         )
     meta = read_meta(folder)
+    path = folder / TRAINER_FILE
     try:
-        trainer_state = json.loads((folder / TRAINER_FILE).read_text())
+        trainer = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise GPT2LabError(f"cannot read {folder / TRAINER_FILE}: {e}") from None
-    return meta, load_safetensors(folder / WEIGHTS_FILE), load_safetensors(folder / OPTIMIZER_FILE), trainer_state
+        raise GPT2LabError(f"cannot read {path}: {e}") from None
+    absent = [k for k in ("step", "tokens", "ranks") if not isinstance(trainer, dict) or k not in trainer]
+    if absent:
+        raise GPT2LabError(f"{path} has no {absent[0]!r}: it is damaged; resume from another checkpoint")
+    states: dict[str, Any] = {
+        "model": load_safetensors(folder / WEIGHTS_FILE),
+        "optimizer": {**trainer.get("optimizer", {}), "tensors": load_safetensors(folder / OPTIMIZER_FILE)},
+        "counters": {k: trainer[k] for k in COUNTERS if k in trainer},
+        "ranks": trainer["ranks"],
+        **{k: v for k, v in trainer.items() if k not in _TRAINER_KEYS},
+    }
+    # Checkpoints written before the schedule was a component of its own: it is where the step is.
+    states.setdefault("schedule", {"step": trainer["step"]})
+    return meta, states
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
@@ -310,7 +347,10 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_best: bool) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints and, with `keep_best`, the one with the lowest
     val loss. Returns the deleted paths. Each is first renamed to a hidden name, so a kill mid-delete
-    never leaves a `step_*` directory that looks complete but is not."""
+    never leaves a `step_*` directory that looks complete but is not. Directories that are not complete
+    checkpoints (no gpt2lab.json yet, hidden temporaries) are neither counted nor touched."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (the newest checkpoint is always kept), got {keep_last}")
     found = find_checkpoints(run_dir)
     keep = set(found[-keep_last:])
     if keep_best:

@@ -294,7 +294,7 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, x: 
 
 def _fineweb_edu(run_dir: Path) -> bool:
     """Whether a run trained on FineWeb-Edu (its config's data directory was made from it)."""
-    from .config import load_toml
+    from .train.config import load_toml
 
     try:
         data_dir = Path(load_toml(run_dir / "config.toml")["data"]["dir"])

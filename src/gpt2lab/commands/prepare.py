@@ -26,7 +26,7 @@ import argparse
 import sys
 
 from ..data.prepare import DEFAULT_SHARD_TOKENS, PrepareOptions, default_workers, prepare
-from ..data.sources import PRESETS
+from ..data.sources import CORPUS_PRESETS
 from ..data.text import unescape
 from .args import add_ext_argument, parse_count, report_skipped
 
@@ -36,7 +36,7 @@ def _val_tokens(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = "presets:\n" + "\n".join(f"  {name:<18}{preset.description}" for name, preset in PRESETS.items())
+    p.epilog = "presets:\n" + "\n".join(f"  {name:<18}{preset.description}" for name, preset in CORPUS_PRESETS.items())
     p.add_argument("source", metavar="SOURCE", help="file, directory, glob, hf:NAME, or preset")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the shards and manifest.json")
     p.add_argument(

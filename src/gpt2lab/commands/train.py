@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from ..config import load_train_config, to_toml
+from ..train.config import load_train_config, to_toml
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -55,7 +55,7 @@ HF_PREFIX = "hf:"
 
 
 @dataclass(frozen=True)
-class Preset:
+class CorpusPreset:
     """A named corpus: a public text shipped gzipped inside the package, or a Hugging Face dataset.
 
     `url` and `sha256` say where a bundled text comes from and what it must decompress to.
@@ -73,10 +73,10 @@ class Preset:
     text_field: str = "text"
 
 
-PRESETS = {
+CORPUS_PRESETS = {
     p.name: p
     for p in (
-        Preset(
+        CorpusPreset(
             "tinyshakespeare",
             "tinyshakespeare",
             "Tiny Shakespeare (karpathy/char-rnn), 1 MB, 338K GPT-2 tokens",
@@ -85,14 +85,14 @@ PRESETS = {
             bundled="tinyshakespeare.txt.gz",
         ),
         # The corpus build-nanogpt and llm.c train GPT-2 (124M) on; llm.c names its shards edu_fineweb_*.
-        Preset(
+        CorpusPreset(
             "fineweb-edu-10B",
             "edu_fineweb",
             "FineWeb-Edu sample-10BT (HuggingFaceFW/fineweb-edu), about 10B GPT-2 tokens",
             hf_dataset="HuggingFaceFW/fineweb-edu",
             hf_config="sample-10BT",
         ),
-        Preset(
+        CorpusPreset(
             "openwebtext",
             "openwebtext",
             "OpenWebText (Skylion007/openwebtext), about 9B GPT-2 tokens",
@@ -124,7 +124,7 @@ class Source(abc.ABC):
         self.piece_chars = piece_chars
         self.stats = SourceStats()
         self.progress_total: int | None = None
-        self.preset: Preset | None = None
+        self.preset: CorpusPreset | None = None
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -424,7 +424,7 @@ def _find_files(spec: str, ext: tuple[str, ...] | None = None) -> tuple[list[Pat
     hint = ""
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         hint = f"; for the Hugging Face dataset of that name write {HF_PREFIX}{spec}"
-    presets = ", ".join(PRESETS)
+    presets = ", ".join(CORPUS_PRESETS)
     raise GPT2LabError(f"{spec}: no such file, directory or preset (presets: {presets}){hint}")
 
 
@@ -515,7 +515,7 @@ def resolve_source(
     Nothing is read or downloaded until `open()`, except that a bundled preset (tinyshakespeare) is
     decompressed into the cache here (once).
     """
-    preset = PRESETS.get(spec)
+    preset = CORPUS_PRESETS.get(spec)
     suffixes = None if ext is None else normalize_ext(ext)
     if suffixes is not None and (preset is not None or spec.startswith(HF_PREFIX)):
         raise GPT2LabError(f"--ext selects local files by suffix; {spec!r} is a preset or dataset, not files")
@@ -546,7 +546,7 @@ def resolve_source(
     return source
 
 
-def bundled_text(preset: Preset) -> Path:
+def bundled_text(preset: CorpusPreset) -> Path:
     """A bundled preset's text as a plain file in the cache, decompressed from the package on first use.
 
     The text is checked against the preset's sha256 every time (1 MB hashes in milliseconds), so a

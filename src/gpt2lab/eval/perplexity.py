@@ -231,9 +231,9 @@ def read_corpus(
 
 
 def _read_files(spec: str, text_field: str, join: str) -> Corpus:
-    from ..data.sources import PRESETS, resolve_source
+    from ..data.sources import CORPUS_PRESETS, resolve_source
 
-    preset = PRESETS.get(spec)
+    preset = CORPUS_PRESETS.get(spec)
     if preset is None and not Path(spec).expanduser().exists() and not glob.has_magic(spec):
         names = ", ".join(NAMED_CORPORA)
         raise GPT2LabError(

@@ -1,4 +1,4 @@
-"""The model a run starts from: fresh (GPT-2 initialisation), pretrained weights, or a checkpoint."""
+"""The model a run starts from: fresh (GPT-2 initialisation), pretrained weights, or a checkpoint's shape."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import is_checkpoint, load_model, read_meta, resolve_checkpoint
-from ..config import GPTConfig, TrainConfig
+from ..config import GPTConfig
 from ..errors import GPT2LabError
 from ..model import GPT
 from ..tokenizer import Tokenizer, get_tokenizer
+from .config import TrainConfig
 
 
 def fresh_model(cfg: TrainConfig, vocab_size: int) -> GPT:
@@ -65,6 +66,12 @@ def with_shape(model: GPT, config: GPTConfig) -> GPT:
     return GPT.from_state_dict(config, weights).train()
 
 
-def model_from_checkpoint(config: GPTConfig, weights: dict[str, torch.Tensor]) -> GPT:
-    """The model of a training checkpoint, as `config` with `weights` copied in bit for bit."""
-    return GPT.from_state_dict(config, weights).train()
+def empty_model(config: GPTConfig, device: torch.device | str) -> GPT:
+    """A GPT of `config` on `device` with its weights left uninitialised, for a training checkpoint's
+    weights to be copied into (state.ModelState.load_state_dict): no time goes to a random init that
+    would be overwritten, and no random numbers are drawn."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty makes a tensor per module: tie again
+    return model.train()

@@ -2,7 +2,7 @@
 
 One optimizer step (build-nanogpt's loop, llm.c's train_gpt2.py):
 
-    lr = lr_at(step)                                  # a pure function of the step
+    lr = schedule.apply()                             # lr_at(step): a pure function of the step
     for each of grad_accum micro-steps:               # grad_accum = total_batch_tokens / (B * T * ranks)
         x, y = loader.next_batch()                    # this rank's (B, T) windows
         loss = model(x, y) / grad_accum; backward     # DDP syncs gradients on the last micro-step only
@@ -11,9 +11,10 @@ One optimizer step (build-nanogpt's loop, llm.c's train_gpt2.py):
     (float16 autocast: backward of the loss x scale, gradients unscaled before clipping, scale updated)
 
 then, by the step count: log to metrics.jsonl, evaluate, checkpoint. A checkpoint at step N holds the
-state after N steps: weights, AdamW state, counters, each rank's RNG states and loader position, so
-`--resume auto` continues exactly as if the run had never stopped. SIGINT / SIGTERM finish the
-current step, write a checkpoint and return; a second SIGINT aborts at once.
+state after N steps, as a dict of components (train/state.py): weights, AdamW state, loss scaler,
+schedule, counters, each rank's RNG states and loader position, so `--resume auto` continues exactly
+as if the run had never stopped. SIGINT / SIGTERM finish the current step, write a checkpoint and
+return; a second SIGINT aborts at once.
 
 Bit for bit holds on CPU. On GPUs, atomics in some kernels (flash attention's backward among them) make
 two runs differ in the last bits unless `train.deterministic = true` (see runtime.deterministic).
@@ -34,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import checkpoint as ckpt
 from .. import distributed as D
-from ..config import GPTConfig, TrainConfig, to_toml
+from ..config import GPTConfig
 from ..data import ShardLoader, data_tokenizer
 from ..data.prefetch import PrefetchLoader
 from ..data.shards import MANIFEST_NAME
@@ -47,15 +48,15 @@ from ..runtime import (
     deterministic,
     deterministic_cublas,
     needs_grad_scaler,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 from ..tokenizer import Tokenizer, get_tokenizer
-from .build import check_same_tokenizer, fresh_model, model_from_checkpoint, pretrained_model
+from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
+from .config import TrainConfig, to_toml
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
-from .optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state_tensors, set_lr
+from .optim import Schedule, build_optimizer
 from .signals import StopRequest
+from .state import PER_RANK, Counters, ModelState, OptimizerState, RNGState, Stateful
 
 
 @dataclass
@@ -108,7 +109,13 @@ def data_tokenizer_or_gpt2(data_dir: str) -> Tokenizer:
 
 
 class Trainer:
-    """One training run; `Trainer(cfg).run()` or the `train(cfg)` shortcut."""
+    """One training run; `Trainer(cfg).run()` or the `train(cfg)` shortcut.
+
+    Set-up is three steps: `_build` makes every component of the run (environment, data, model,
+    optimizer, schedule, counters, evaluator), `_wrap` puts torch.compile and DDP around the model,
+    and `_restore` loads a checkpoint's state into the components (or starts afresh); `_open_outputs`
+    then readies the run directory.
+    """
 
     def __init__(
         self,
@@ -119,7 +126,16 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.cfg, self.stop_at, self.progress = cfg, stop_at, progress
-        t = cfg.train
+        self._build(resume, eval_tasks)
+        self._wrap()
+        self._restore()
+        self._open_outputs()
+
+    # ------------------------------------------------------------------------------------- set-up
+
+    def _build(self, resume: str, eval_tasks: Sequence[EvalTask]) -> None:
+        """The run's components, unwrapped; a resumed run's model has its shape, not yet its weights."""
+        cfg, t = self.cfg, self.cfg.train
         cublas_in_time = deterministic_cublas() if t.deterministic else True  # before CUDA starts
         self.env = D.setup(t.device)
         self.device = self.env.device
@@ -132,8 +148,6 @@ class Trainer:
         self.grad_accum = gradient_accumulation(cfg, self.env.world_size)
         self.tokens_per_step = t.total_batch_tokens
         self.amp_dtype = autocast_dtype(t.precision, self.device)
-        # float16 gradients underflow without loss scaling; for bf16 and float32 the scaler does nothing.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype))
         if self.device.type == "cuda":
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
             torch.set_float32_matmul_precision("high")
@@ -157,13 +171,13 @@ class Trainer:
         # from a Python bool every step would be a blocking host-to-device copy.
         self._flags = (torch.zeros((), device=self.device), torch.ones((), device=self.device))
 
-        source = self._find_resume(resume)
+        self.resumed_from = self._find_resume(resume)
+        self._saved: dict[str, Any] | None = None
         seed_everything(t.seed)  # the same initial weights on every rank
-        state: dict[str, Any] = {}
-        if source is not None:
-            meta, weights, opt_tensors, state = ckpt.load_training_checkpoint(source)
-            check_same_tokenizer(meta.get("tokenizer"), self.tokenizer, f"checkpoint {source}")
-            model = model_from_checkpoint(GPTConfig.from_dict(meta["model"]), weights)
+        if self.resumed_from is not None:
+            meta, self._saved = ckpt.load_training_checkpoint(self.resumed_from)
+            check_same_tokenizer(meta.get("tokenizer"), self.tokenizer, f"checkpoint {self.resumed_from}")
+            model = empty_model(GPTConfig.from_dict(meta["model"]), self.device)
         elif t.init_from:
             model = pretrained_model(cfg, self.tokenizer)
         else:
@@ -182,13 +196,11 @@ class Trainer:
         self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
         self.peak = peak_flops(self.device, self.amp_dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.train_model: torch.nn.Module = self.model
-        if t.compile:
-            self.train_model = torch.compile(self.model, backend=compile_backend(t.compile_backend))
-        if self.env.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(self.train_model, device_ids=ids)
-
+        # float16 gradients underflow without loss scaling; for bf16 and float32 the scaler does nothing.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype))
+        self.schedule = Schedule(self.optimizer, cfg.optim, t.max_steps)
+        self.counters = Counters()
+        self.rng = RNGState()
         self.evaluator = Evaluator(
             cfg.data.dir,
             self.tokenizer,
@@ -198,27 +210,65 @@ class Trainer:
             self.env.rank,
             self.env.world_size,
         )
-
-        self.step, self.tokens, self.skipped, self.best_val = 0, 0, 0, math.inf
-        self.resumed_from = source
-        if source is not None:
-            self._restore(opt_tensors, state, source)
-        elif self.env.world_size > 1:
-            torch.manual_seed(t.seed + self.env.rank)  # dropout masks differ between ranks, as between micro-steps
-
-        self.writer = None
-        if self.env.is_main:
-            truncate_metrics(self.run_dir, self.step)  # nothing past the checkpoint we continue from
-            self.writer = MetricsWriter(self.run_dir, t.tensorboard)
-            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
-            ckpt.remove_stale_temporaries(self.run_dir)
         self.stop = StopRequest()
-        self.last_ckpt = source
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.val_step = -1  # the step last_val was measured at
 
-    # ------------------------------------------------------------------------------------- set-up
+    def components(self) -> dict[str, Stateful]:
+        """The run's state, by component name (see gpt2lab.train.state); PER_RANK ones differ by rank."""
+        return {
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.optimizer),
+            "grad_scaler": self.scaler,
+            "schedule": self.schedule,
+            "counters": self.counters,
+            "loader": self.loader,
+            "rng": self.rng,
+        }
+
+    def _wrap(self) -> None:
+        """`train_model`: the model as the steps call it, compiled and/or under DDP; `self.model`
+        stays the plain GPT (evaluation, sampling and checkpoints use it)."""
+        t = self.cfg.train
+        self.train_model: torch.nn.Module = self.model
+        if t.compile:
+            self.train_model = torch.compile(self.model, backend=compile_backend(t.compile_backend))
+        if self.env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.train_model, device_ids=ids)
+
+    def _restore(self) -> None:
+        """Every component from the checkpoint found by `_find_resume`, or a fresh start's RNG."""
+        seed, rank, world_size = self.cfg.train.seed, self.env.rank, self.env.world_size
+        saved, source = self._saved, self.resumed_from
+        self._saved = None  # the weights are copied into the model: no second copy is kept
+        self.last_ckpt = source
+        if saved is None:
+            if world_size > 1:
+                torch.manual_seed(seed + rank)  # dropout masks differ between ranks, as between micro-steps
+            return
+        ranks = saved["ranks"]
+        same_ranks = len(ranks) == world_size
+        # The loader position is global (the same on every rank), so it carries over to another world size;
+        # the RNG states belong to their ranks.
+        states = {**saved, **(ranks[rank] if same_ranks else {"loader": ranks[0]["loader"]})}
+        try:
+            for name, component in self.components().items():
+                if states.get(name):  # absent or {}: e.g. no loss scaler was saved; the fresh one stays
+                    component.load_state_dict(states[name])
+        except GPT2LabError as e:
+            raise GPT2LabError(f"{source}: {e}") from None
+        if not same_ranks:  # another number of ranks: the data order continues, dropout masks are drawn afresh
+            torch.manual_seed(seed + self.counters.step + rank)
+
+    def _open_outputs(self) -> None:
+        self.writer = None
+        if self.env.is_main:
+            truncate_metrics(self.run_dir, self.counters.step)  # nothing past the checkpoint we continue from
+            self.writer = MetricsWriter(self.run_dir, self.cfg.train.tensorboard)
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+            ckpt.remove_stale_temporaries(self.run_dir)
 
     def _find_resume(self, resume: str) -> Path | None:
         """The checkpoint to continue from (decided by rank 0, so every rank reads the same one)."""
@@ -245,65 +295,49 @@ class Trainer:
             raise GPT2LabError(error)
         return found
 
-    def _restore(self, opt_tensors: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
-        load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"], str(source))
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.skipped = int(state.get("skipped_steps", 0))
-        best = state.get("best_val_loss")
-        self.best_val = math.inf if best is None else float(best)
-        if self.scaler.is_enabled() and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        ranks = state["ranks"]
-        mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else ranks[0]
-        # The loader position is global (the same on every rank), so it carries over to another world size.
-        self.loader.load_state_dict(mine["loader"])
-        if len(ranks) == self.env.world_size:
-            set_rng_state(mine["rng"])
-        else:  # another number of ranks: the data order continues, dropout masks are drawn afresh
-            torch.manual_seed(self.cfg.train.seed + self.step + self.env.rank)
-
     # ------------------------------------------------------------------------------------- the loop
 
     def run(self) -> TrainResult:
         """Train to max_steps (or a stop request); returns how it ended. Non-finite losses and failed
         checkpoint writes raise GPT2LabError, leaving the last good checkpoint as it was."""
-        t, started = self.cfg.train, time.perf_counter()
+        t, c, started = self.cfg.train, self.counters, time.perf_counter()
         self.stop.install()
         bar = self._progress_bar()
         try:
             if self.resumed_from is not None:
-                self._log({"kind": "event", "step": self.step, "message": f"resumed from {self.resumed_from}"})
+                self._log({"kind": "event", "step": c.step, "message": f"resumed from {self.resumed_from}"})
             elif self.cfg.eval.every and t.init_from:
                 self._evaluate()  # the pretrained model's val loss: what fine-tuning starts from
-            while self.step < t.max_steps:
+            while c.step < t.max_steps:
                 t0 = time.perf_counter()
                 with deterministic(self.device) if t.deterministic else contextlib.nullcontext():
                     loss, norm, stop = self._train_step()
                 dt = time.perf_counter() - t0
-                self.step += 1
-                self.tokens += self.tokens_per_step
+                c.step += 1
+                c.tokens += self.tokens_per_step
+                self.schedule.advance()
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     self._nonfinite(loss, norm)
                 else:
                     self.last_loss = loss
                 record = self._train_record(loss, norm, dt, time.perf_counter() - started)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                if c.step % t.log_every == 0 or c.step == t.max_steps:
                     self._log(record)
                 if bar is not None:
                     bar.set_postfix_str(progress_text(record), refresh=False)
                     bar.update(1)
-                done = self.step == t.max_steps
-                stop = stop or (self.stop_at is not None and self.step >= self.stop_at)
-                if done or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                done = c.step == t.max_steps
+                stop = stop or (self.stop_at is not None and c.step >= self.stop_at)
+                if done or (self.cfg.eval.every and c.step % self.cfg.eval.every == 0):
                     self._evaluate()
-                if done or stop or (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0):
+                if done or stop or (self.cfg.checkpoint.every and c.step % self.cfg.checkpoint.every == 0):
                     self._save()
                 if stop and not done:
                     if self.env.is_main:
                         why = (
                             f"{self.stop.signal_name} received" if self.stop.requested else f"--stop-at {self.stop_at}"
                         )
-                        self._print(f"{why}: stopped after step {self.step}, checkpoint {self.last_ckpt}")
+                        self._print(f"{why}: stopped after step {c.step}, checkpoint {self.last_ckpt}")
                     break
         finally:
             self.loader.close()
@@ -314,18 +348,18 @@ class Trainer:
                 self.writer.close()
         return TrainResult(
             self.run_dir,
-            self.step,
-            self.tokens,
+            c.step,
+            c.tokens,
             self.last_loss,
             self.last_val,
             self.last_ckpt,
-            self.step < t.max_steps,
+            c.step < t.max_steps,
             time.perf_counter() - started,
         )
 
     def _train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (mean loss over all ranks' micro-batches, grad norm, stop?)."""
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        self.schedule.apply()
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
@@ -359,26 +393,27 @@ class Trainer:
         return loss_mean, norm, stop
 
     def _nonfinite(self, loss: float, norm: float) -> None:
+        c = self.counters
         if math.isfinite(loss) and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0:
             # float16 gradients overflowed: the scaler lowered its scale, the next step tries again
             # (Micikevicius et al. 2018). Only infinities left at a scale below 1 mean divergence.
             self.last_loss = loss
             scale = self.scaler.get_scale()
-            message = f"float16 gradients overflowed at step {self.step}: update skipped, loss scale now {scale:g}"
-            self._log({"kind": "event", "step": self.step, "message": message})
+            message = f"float16 gradients overflowed at step {c.step}: update skipped, loss scale now {scale:g}"
+            self._log({"kind": "event", "step": c.step, "message": message})
             return
         what = f"non-finite loss ({loss})" if not math.isfinite(loss) else f"non-finite gradient norm ({norm})"
-        if self.skipped < self.cfg.train.skip_nonfinite:
-            self.skipped += 1
+        if c.skipped_steps < self.cfg.train.skip_nonfinite:
+            c.skipped_steps += 1
             allowed = self.cfg.train.skip_nonfinite
-            message = f"{what} at step {self.step}: update skipped ({self.skipped} of {allowed} allowed)"
-            self._log({"kind": "event", "step": self.step, "message": message})
+            message = f"{what} at step {c.step}: update skipped ({c.skipped_steps} of {allowed} allowed)"
+            self._log({"kind": "event", "step": c.step, "message": message})
             if self.env.is_main:
                 self._print(message)
             return
         kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
         raise GPT2LabError(
-            f"{what} at step {self.step}: training stopped and {kept}. Resume it with --resume auto, perhaps "
+            f"{what} at step {c.step}: training stopped and {kept}. Resume it with --resume auto, perhaps "
             "with a lower optim.lr, or allow skipping a few bad steps with --skip-nonfinite N"
         )
 
@@ -386,11 +421,11 @@ class Trainer:
         tps = self.tokens_per_step / dt if dt > 0 else 0.0
         return {
             "kind": "train",
-            "step": self.step,
+            "step": self.counters.step,
             "loss": loss,
-            "lr": lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps),
+            "lr": self.schedule.lr(self.counters.step - 1),
             "grad_norm": norm,
-            "tokens": self.tokens,
+            "tokens": self.counters.tokens,
             "tokens_per_sec": tps,
             "mfu": mfu(self.flops_per_token, tps, self.peak, self.env.world_size),
             "step_time": dt,
@@ -402,7 +437,7 @@ class Trainer:
     def _evaluate(self) -> None:
         e = self.cfg.eval
         ctx = EvalContext(
-            step=self.step,
+            step=self.counters.step,
             rank=self.env.rank,
             world_size=self.env.world_size,
             device=self.device,
@@ -413,40 +448,33 @@ class Trainer:
         )
         metrics = self.evaluator(self.model, ctx)
         if "val_loss" in metrics:
-            self.last_val, self.val_step = metrics["val_loss"], self.step
-            self.best_val = min(self.best_val, metrics["val_loss"])
+            self.last_val, self.val_step = metrics["val_loss"], self.counters.step
+            self.counters.best_val_loss = min(self.counters.best_val_loss, metrics["val_loss"])
         if not self.env.is_main:
             return
         if metrics:
-            self._log({"kind": "eval", "step": self.step, "tokens": self.tokens, **metrics})
-            self._print(f"step {self.step}: {describe(metrics)}")
+            self._log({"kind": "eval", "step": self.counters.step, "tokens": self.counters.tokens, **metrics})
+            self._print(f"step {self.counters.step}: {describe(metrics)}")
         if e.sample_tokens:
             text = sample_text(self.model, self.tokenizer, e.sample_prompt, e.sample_tokens, self.cfg.train.seed)
-            self._log({"kind": "sample", "step": self.step, "prompt": e.sample_prompt, "text": text})
-            self._print(f"step {self.step} sample: {e.sample_prompt}{text}")
+            self._log({"kind": "sample", "step": self.counters.step, "prompt": e.sample_prompt, "text": text})
+            self._print(f"step {self.counters.step} sample: {e.sample_prompt}{text}")
 
     def _save(self) -> None:
-        """Checkpoint the state after `self.step` steps (rank 0 writes; every rank learns the outcome)."""
-        ranks = D.gather_to_main({"rng": rng_state(), "loader": self.loader.state_dict()}, self.env)
+        """Checkpoint the state after `counters.step` steps: every component's state_dict(), the per-rank
+        ones gathered from every rank (rank 0 writes; every rank learns the outcome)."""
+        components = self.components()
+        ranks = D.gather_to_main({name: components[name].state_dict() for name in PER_RANK}, self.env)
         error = ""
         if self.env.is_main:
-            tensors, opt_meta = optimizer_state_tensors(self.optimizer)
-            state = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "skipped_steps": self.skipped,
-                "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-                "world_size": self.env.world_size,
-                "optimizer": opt_meta,
-                "ranks": ranks,
-            }
-            if self.scaler.is_enabled():
-                state["grad_scaler"] = self.scaler.state_dict()  # scale and growth tracker: plain numbers
+            states: dict[str, Any] = {n: comp.state_dict() for n, comp in components.items() if n not in PER_RANK}
+            states["ranks"] = ranks
+            step = self.counters.step
             meta = {
-                "step": self.step,
-                "tokens": self.tokens,
+                "step": step,
+                "tokens": self.counters.tokens,
                 "train_loss": self.last_loss,
-                "val_loss": self.last_val if self.val_step == self.step else None,
+                "val_loss": self.last_val if self.val_step == step else None,
                 "config": self.cfg.to_dict(),
                 "world_size": self.env.world_size,
                 "grad_accum": self.grad_accum,
@@ -455,7 +483,7 @@ class Trainer:
                 assert self.writer is not None
                 self.writer.sync()
                 self.last_ckpt = ckpt.save_training_checkpoint(
-                    self.run_dir, self.step, self.model, self.tokenizer, tensors, state, meta
+                    self.run_dir, step, states, self.model.config, self.tokenizer, meta
                 )
                 ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
             except GPT2LabError as e:
@@ -473,7 +501,8 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        total, done = self.cfg.train.max_steps, self.counters.step
+        return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, desc="train")
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.writer is not None:

@@ -3,7 +3,8 @@
 Weight decay applies to the matrices (attention, MLP, embeddings: every parameter with >= 2 dims) and
 not to biases and LayerNorm gains, as in GPT-3's and build-nanogpt's recipe (Loshchilov & Hutter 2019
 for decoupled decay). The schedule is linear warmup to `lr`, then cosine (or linear) decay to `min_lr`
-at `max_steps` (GPT-3 paper, appendix B; build-nanogpt's `get_lr`).
+at `max_steps` (GPT-3 paper, appendix B; build-nanogpt's `get_lr`); `Schedule` sets it on the optimizer
+step by step.
 
 The optimizer state is saved without pickle: every state tensor goes into a safetensors file under the
 name `<parameter name>.<state key>` and the hyper-parameters into JSON (see `optimizer_state_tensors`).
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import OptimSection
 from ..errors import GPT2LabError
+from .config import OptimSection
 
 
 def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
@@ -81,6 +82,41 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+class Schedule:
+    """`lr_at` over a run of `max_steps` steps, applied to `optimizer` one step at a time.
+
+    Its state is the number of steps scheduled so far, as torch's LRScheduler keeps `last_epoch`:
+    `apply()` sets the rate of that step before the optimizer steps, `advance()` moves on after it.
+    The rates themselves come from the run's config, so a resumed run may change them with `--set`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimSection, max_steps: int) -> None:
+        self.optimizer, self.optim, self.max_steps = optimizer, optim, max_steps
+        self.step = 0
+
+    def lr(self, step: int) -> float:
+        """The rate of optimizer step `step` (0-based)."""
+        return lr_at(step, self.optim, self.max_steps)
+
+    def apply(self) -> float:
+        """Set the rate of the next step on every parameter group; returns it."""
+        lr = self.lr(self.step)
+        set_lr(self.optimizer, lr)
+        return lr
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise GPT2LabError(f"schedule state: step must be an integer >= 0, got {step!r}")
+        self.step = step
+
+
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state of `optimizer` as (tensors by "<param name>.<key>", JSON-ready hyper-parameters).
 
@@ -100,21 +136,23 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str = ""
 ) -> None:
     """Restore the state tensors `optimizer_state_tensors` saved, bit for bit, onto an optimizer built
     for the same model. Hyper-parameters come from the run's config (the learning rate from the
-    schedule), so a resumed run may change, e.g., the weight decay with `--set`."""
+    schedule), so a resumed run may change, e.g., the weight decay with `--set`. Errors begin with
+    `source` (the checkpoint) when one is given."""
+    where = f"{source}: " if source else ""
     saved_groups = meta.get("param_groups", [])
     if len(saved_groups) != len(optimizer.param_groups):
         raise GPT2LabError(
-            f"{source}: optimizer state has {len(saved_groups)} parameter groups, expected "
+            f"{where}optimizer state has {len(saved_groups)} parameter groups, expected "
             f"{len(optimizer.param_groups)}; it belongs to another model"
         )
     for group, saved in zip(optimizer.param_groups, saved_groups):
         if saved.get("names") != group["names"]:
             raise GPT2LabError(
-                f"{source}: optimizer state names other parameters than this model's; it belongs to another model"
+                f"{where}optimizer state names other parameters than this model's; it belongs to another model"
             )
         for name, p in zip(group["names"], group["params"]):
             state = {}

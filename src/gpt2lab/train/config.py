@@ -1,0 +1,345 @@
+"""A training run's configuration: typed sections, TOML files, dotted `--set` overrides.
+
+A run is one TrainConfig, made of the sections below, and is written as TOML:
+
+    [model]                 [optim]               [train]
+    preset = "gpt2"         lr = 6e-4             batch_size = 64 ...
+
+Every key has a type (the field's annotation); a TOML file or a `--set section.key=value` override
+with an unknown key or a value of the wrong type is a GPT2LabError naming the key. The model's own
+shape (GPTConfig, MODEL_PRESETS) is `gpt2lab.config`; `TrainConfig.model_config()` builds one.
+
+This module imports no torch: the CLI reads and prints configs (`gpt2lab train --print-config`)
+before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import GPT2_VOCAB_SIZE, MODEL_PRESETS, GPTConfig
+from ..errors import GPT2LabError
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The network trained from scratch: a preset (see gpt2lab.config.MODEL_PRESETS) with any size overridden.
+
+    With `train.init_from` the shape comes from the source weights instead and only `dropout` and
+    `pad_vocab_multiple` apply.
+    """
+
+    preset: str = "gpt2"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None  # context length; None = train.seq_len
+    dropout: float = 0.0
+    # 50257 -> 50304 (a multiple of 64): faster output matmuls on GPUs (build-nanogpt, llm.c).
+    pad_vocab_multiple: int = 64
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Token shards made by `gpt2lab prepare` (or llm.c): train and val splits in one directory. The
+    tokenizer is the one the directory was prepared with (its manifest); llm.c's shards are GPT-2's."""
+
+    dir: str = "data/fineweb-edu-10B"
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW and the learning-rate schedule (linear warmup, then decay to min_lr by max_steps)."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 715
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices and embeddings only (see train/optim.py)
+    grad_clip: float = 1.0  # global L2 norm; 0 turns clipping off
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The loop: batch geometry, length, precision, where the run lives, where it starts from."""
+
+    out_dir: str = "runs/gpt2-124M"
+    batch_size: int = 64  # sequences per device per micro-step
+    seq_len: int = 1024
+    total_batch_tokens: int = 524288  # per optimizer step, all devices; fixes gradient accumulation
+    max_steps: int = 19073
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (see runtime.autocast_dtype)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" compiles in seconds (CPU tests)
+    deterministic: bool = False  # repeatable GPU runs, at a cost (see runtime.deterministic)
+    init_from: str = ""  # "" = from scratch; else a Hub name, HF directory or gpt2lab checkpoint/run
+    skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped
+    log_every: int = 1  # metrics.jsonl records every N steps
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """What runs every `every` steps: val loss, a text sample, and any extra tasks (HellaSwag)."""
+
+    every: int = 250  # 0 = only at the end
+    val_tokens: int = 10485760  # fixed val budget (build-nanogpt: 20 x 64 x 1024 x 8 GPUs)
+    batch_size: int = 0  # 0 = train.batch_size
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_tokens: int = 32
+    tasks: tuple[str, ...] = ()  # e.g. ["hellaswag"]; see gpt2lab.train.evaluate
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """When checkpoints are written and how many are kept."""
+
+    every: int = 1000  # steps; 0 = only at the end (and on SIGINT / SIGTERM)
+    keep_last: int = 2
+    keep_best: bool = True  # also keep the checkpoint with the lowest val loss
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+    "checkpoint": CheckpointSection,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. `TrainConfig()` is the GPT-2 (124M) FineWeb-Edu recipe's shape."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()} for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build and check a config from nested dicts (a parsed TOML file); missing keys keep defaults."""
+        if not isinstance(d, dict):
+            raise GPT2LabError(f"{source}: expected a table of sections")
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise GPT2LabError(
+                f"{source}: unknown section [{unknown[0]}]; sections are: {', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = d.get(name, {})
+            if not isinstance(values, dict):
+                raise GPT2LabError(f"{source}: '{name}' must be a table ([{name}])")
+            hints = _field_types(section_cls)
+            kwargs = {}
+            for key, value in values.items():
+                if key not in hints:
+                    raise GPT2LabError(f"{source}: unknown key {name}.{key}; {name} has: {', '.join(hints)}")
+                kwargs[key] = _check_type(f"{name}.{key}", value, hints[key], source)
+            sections[name] = section_cls(**kwargs)
+        config = cls(**sections)
+        config.validate(source)
+        return config
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "--set") -> TrainConfig:
+        """A copy with dotted keys replaced, e.g. {"optim.lr": 3e-4}; values are type-checked."""
+        d = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if section not in SECTIONS or not key:
+                raise GPT2LabError(
+                    f"{source}: unknown key {dotted!r}; keys look like section.key with section one of "
+                    f"{', '.join(SECTIONS)}"
+                )
+            d[section][key] = value
+        return TrainConfig.from_dict(d, source)
+
+    def validate(self, source: str = "config") -> None:
+        """Value checks that types alone cannot express; raises GPT2LabError naming the key."""
+
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
+                raise GPT2LabError(f"{source}: {key} must be {what}, got {value!r}")
+
+        m, o, t, e, c = self.model, self.optim, self.train, self.eval, self.checkpoint
+        if not t.init_from:
+            need(m.preset in MODEL_PRESETS, "model.preset", f"one of {', '.join(MODEL_PRESETS)}")
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            need(getattr(m, key) is None or getattr(m, key) >= 1, f"model.{key}", "a positive integer")
+        need(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)")
+        need(m.pad_vocab_multiple >= 1, "model.pad_vocab_multiple", "a positive integer")
+        need(o.lr > 0, "optim.lr", "positive")
+        need(0 <= o.min_lr <= o.lr, "optim.min_lr", "between 0 and optim.lr")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
+        need(o.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}")
+        need(0 <= o.beta1 < 1, "optim.beta1", "in [0, 1)")
+        need(0 <= o.beta2 < 1, "optim.beta2", "in [0, 1)")
+        need(o.eps > 0, "optim.eps", "positive")
+        need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+        need(o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 = off)")
+        for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_every"):
+            need(getattr(t, key) >= 1, f"train.{key}", "a positive integer")
+        need(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}")
+        need(t.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0")
+        need(bool(t.out_dir), "train.out_dir", "a directory")
+        need(m.block_size is None or t.seq_len <= m.block_size, "train.seq_len", "at most model.block_size")
+        need(e.every >= 0, "eval.every", ">= 0 (0 = only at the end)")
+        need(e.val_tokens >= 0, "eval.val_tokens", ">= 0 (0 = no validation loss)")
+        need(e.batch_size >= 0, "eval.batch_size", ">= 0 (0 = train.batch_size)")
+        need(e.sample_tokens >= 0, "eval.sample_tokens", ">= 0 (0 = no sample)")
+        need(c.every >= 0, "checkpoint.every", ">= 0 (0 = only at the end)")
+        need(c.keep_last >= 1, "checkpoint.keep_last", "at least 1")
+
+    def model_config(self, vocab_size: int = GPT2_VOCAB_SIZE) -> GPTConfig:
+        """The GPTConfig of a run from scratch: the preset with the explicit sizes applied."""
+        m = self.model
+        sizes = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd") if getattr(m, k) is not None}
+        try:
+            return GPTConfig.from_preset(
+                m.preset,
+                **sizes,
+                block_size=m.block_size or self.train.seq_len,
+                vocab_size=vocab_size,
+                dropout=m.dropout,
+                pad_vocab_multiple=m.pad_vocab_multiple,
+            )
+        except ValueError as e:
+            raise GPT2LabError(f"[model]: {e}") from None
+
+    def replace(self, section: str, **changes: Any) -> TrainConfig:
+        """A copy with fields of one section changed, e.g. `cfg.replace("train", max_steps=10)`."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        return "a list of strings"
+    if args:  # X | None
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _check_type(key: str, value: Any, tp: Any, source: str) -> Any:
+    """`value` if it has type `tp` (ints are accepted as floats, lists as tuples), else GPT2LabError."""
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif typing.get_args(tp):  # X | None
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_type(key, value, inner, source)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise GPT2LabError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A parsed TOML file; a missing or malformed file is a GPT2LabError."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise GPT2LabError(f"config file {path} not found; see configs/ for examples") from None
+    except tomllib.TOMLDecodeError as e:
+        raise GPT2LabError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise GPT2LabError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (key, value). The value is read as a TOML value (3e-4, true, "x", [..])
+    and, when that fails, taken as a plain string, so `train.init_from=gpt2` needs no quotes."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise GPT2LabError(f"--set {text!r}: expected section.key=value, e.g. optim.lr=3e-4")
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    hints = _field_types(SECTIONS[key.split(".")[0]]) if key.split(".")[0] in SECTIONS else {}
+    if hints.get(key.partition(".")[2]) in (str, str | None) and not isinstance(value, str):
+        value = raw.strip()  # e.g. out_dir=2024 is the directory "2024"
+    return key, value
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """TOML file (or the defaults when `path` is None) + `section.key=value` overrides, checked."""
+    base = TrainConfig.from_dict(load_toml(path), str(path)) if path is not None else TrainConfig()
+    parsed = dict(parse_override(o) for o in overrides)
+    return base.with_overrides(parsed) if parsed else base
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as a TOML document that `load_train_config` reads back to an equal config."""
+    lines = []
+    for name, values in config.to_dict().items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if value is not None:  # TOML has no null; None is every such field's default
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,121 @@
+"""A training run's state as components, each with `state_dict()` / `load_state_dict()` (torchtitan's
+`Stateful`), handed to the checkpoint as one dict.
+
+    component     state_dict()                                          kept by
+    model         the weights by name (the tied lm_head once)           ModelState
+    optimizer     {"tensors": AdamW state by "<param>.<key>", "param_groups": [...]}   OptimizerState
+    grad_scaler   float16's loss scale and growth tracker ({} when off) torch.amp.GradScaler itself
+    schedule      {"step": steps scheduled}                             optim.Schedule
+    counters      {"step", "tokens", "skipped_steps", "best_val_loss"}  Counters
+    loader        the data position (epoch, windows consumed, ...)      data.PrefetchLoader itself
+    rng           python, numpy and torch generator states              RNGState
+
+Like torch's own state_dict()s, these hand out live tensors: save (or copy) them before the run moves
+on. `rng` and `loader` are PER_RANK: every rank saves its own, gathered into the checkpoint's "ranks" list.
+How the dict is laid out in files is `gpt2lab.checkpoint`'s business (see save_training_checkpoint);
+what the trainer does with a checkpoint written by another number of ranks is `Trainer._restore`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..checkpoint import model_weights
+from ..errors import GPT2LabError
+from ..model import GPT, unwrap
+from ..runtime import rng_state, set_rng_state
+from .optim import load_optimizer_state, optimizer_state_tensors
+
+PER_RANK = ("rng", "loader")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ModelState:
+    """The model's weights: the stored tensors on save, copied in bit for bit on load.
+
+    Loading copies into the existing parameters (it does not replace them), so an optimizer built
+    over them, a torch.compile wrapper and DDP's hooks all stay attached.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model: GPT = unwrap(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return model_weights(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        own = model_weights(self.model)
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise GPT2LabError(f"missing weight {missing[0]}")
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise GPT2LabError(f"unexpected weight {unexpected[0]}")
+        for name, param in own.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise GPT2LabError(
+                    f"weight {name} has shape {list(state[name].shape)}, the model's is {list(param.shape)}"
+                )
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state[name])
+
+
+class OptimizerState:
+    """AdamW's state tensors and parameter groups (see optim.optimizer_state_tensors)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors, meta = optimizer_state_tensors(self.optimizer)
+        return {"tensors": tensors, **meta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_optimizer_state(self.optimizer, state["tensors"], state)
+
+
+@dataclass
+class Counters:
+    """How far the run is: optimizer steps done, training tokens consumed, non-finite steps skipped,
+    and the lowest validation loss seen (math.inf before the first)."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    best_val_loss: float = math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped_steps": self.skipped_steps,
+            # JSON has no infinity: None until a validation loss was measured.
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        best = state.get("best_val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+
+
+class RNGState:
+    """This process's global random number generators (dropout masks, anything drawn from numpy or
+    `random`), as JSON-ready values (see runtime.rng_state)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
