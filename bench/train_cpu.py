@@ -1,14 +1,21 @@
-"""Training speed on CPU: gpt2lab vs transformers' GPT2LMHeadModel, same size, same loop, same process.
+"""Training speed on CPU: gpt2lab against two peers, same size, same batches, same process.
 
-Both models get the `configs/shakespeare-cpu.toml` shape and the same starting weights, and go through
-the same training step: gpt2lab's AdamW (fused, decay on matrices), the schedule's learning rate,
-gradient accumulation to the config's total batch, clipping at 1.0, the config's autocast precision
-(bf16 on CPUs with bf16 instructions), on the same batches. Only the model differs: gpt2lab's
-`forward(x, y, return_logits=False)` against transformers' `forward(input_ids, labels=...).loss`
-(sdpa attention). The two alternate in blocks of steps; the median step time is reported.
+- `plain`: GPT-2 as nanoGPT writes it, here in a few lines (PlainGPT below): full (B, T, 50304) logits,
+  `F.cross_entropy`, `torch.optim.AdamW` with its default (foreach) implementation, nothing fused.
+- `transformers`: GPT2LMHeadModel (sdpa attention), `forward(input_ids, labels=...).loss`, stepped by
+  gpt2lab's optimizer.
+
+All three get the `configs/shakespeare-cpu.toml` shape and the same starting weights and run the same
+loop: the schedule's learning rate, gradient accumulation to the config's total batch, clipping at 1.0,
+float32 unless --precision says otherwise. They alternate in blocks of steps; the median step time is
+reported, with the ratio of gpt2lab's tokens/s to each peer's. The machine's own float32 GEMM rate
+(a 2048^3 matmul, best of several) is measured in the same run, and each model's training FLOP/s
+(6 x parameters + attention, per token) is printed as a fraction of it.
 
     python bench/train_cpu.py
     python bench/train_cpu.py --threads 1 --rounds 5
+
+Run it on a quiet machine: other processes on the same cores change every number.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,27 +45,112 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> str:
+    """What decides the speed of float32 and bf16 matmuls: the vector ISA torch dispatches to, bf16."""
+    from gpt2lab.runtime import cpu_has_fast_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"kernels {isa}, bf16 instructions {'yes' if cpu_has_fast_bf16() else 'no'}"
+
+
+def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """The best float32 (n x n) @ (n x n) rate of this machine, in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+class PlainBlock(nn.Module):
+    """One pre-LayerNorm GPT-2 block, written the way nanoGPT's model.py does."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.mlp_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    """nanoGPT's GPT: tied embedding, logits over the padded 50304-token vocabulary, F.cross_entropy."""
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList(PlainBlock(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, 50304)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def load_from(self, ours: nn.Module) -> None:
+        """Copy gpt2lab's weights (same layout: gpt2lab's Linear is nn.Linear's)."""
+        sd = ours.state_dict()
+        mine = self.state_dict()
+        rename = {"mlp.c_proj": "mlp_proj", "attn.c_attn": "c_attn", "attn.c_proj": "c_proj", "mlp.c_fc": "c_fc"}
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k.endswith(".attn.bias") or k == "lm_head.weight":
+                    continue
+                name = k.removeprefix("transformer.")
+                for a, b in rename.items():
+                    name = name.replace(a, b)
+                mine[name].copy_(v)
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """nanoGPT's configure_optimizers on a CPU: decay on matrices, torch's default implementation."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-cpu.toml"))
     ap.add_argument("--rounds", type=int, default=4, help="alternating blocks per model")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per block")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--precision", default=None, help="auto | bf16 | fp32 (default: the config's)")
+    ap.add_argument("--precision", default="fp32", help="auto | bf16 | fp32 (default: fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2lab.config import load_train_config
     from gpt2lab.hf import state_dict_to_hf
     from gpt2lab.runtime import autocast_dtype
     from gpt2lab.train.build import fresh_model
+    from gpt2lab.train.config import load_train_config
     from gpt2lab.train.loop import gradient_accumulation
     from gpt2lab.train.optim import build_optimizer, lr_at, set_lr
 
-    overrides = [f"train.precision={args.precision}"] if args.precision else []
+    overrides = [f"train.precision={args.precision}"]
     cfg = load_train_config(args.config, overrides)
     device = torch.device("cpu")
     amp = autocast_dtype(cfg.train.precision, device)
@@ -80,6 +174,8 @@ def main() -> None:
         )
     ).train()
     hf.load_state_dict(state_dict_to_hf(ours), strict=False)  # the same starting weights (HF has no padding)
+    plain = PlainGPT(c.n_layer, c.n_head, c.n_embd, c.block_size, c.padded_vocab_size).train()
+    plain.load_from(ours)
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(accum * args.steps):
@@ -93,8 +189,9 @@ def main() -> None:
         return hf(input_ids=x, labels=y, shift_labels=y).loss  # shift_labels: y is already shifted
 
     runners = {}
-    for name, model, loss_fn in (("gpt2lab", ours, ours_loss), ("transformers", hf, hf_loss)):
-        runners[name] = (model, loss_fn, build_optimizer(model, cfg.optim, device), [0])
+    for name, model, loss_fn in (("gpt2lab", ours, ours_loss), ("plain", plain, plain), ("transformers", hf, hf_loss)):
+        opt = plain.optimizer(cfg.optim.lr, cfg.optim.weight_decay) if model is plain else None
+        runners[name] = (model, loss_fn, opt or build_optimizer(model, cfg.optim, device), [0])
 
     def run_block(name: str) -> list[tuple[float, float]]:
         model, loss_fn, opt, step = runners[name]
@@ -116,14 +213,16 @@ def main() -> None:
         return times
 
     wait = os.environ.get("OMP_WAIT_POLICY", "(unset)")
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait}, torch {torch.__version__}")
+    print(f"{cpu_name()} ({cpu_features()}), {torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait}")
+    print(f"torch {torch.__version__}")
     print(
         f"model {c.n_layer} layers x {c.n_embd} wide, {ours.num_params():,} parameters; micro-batch {B} x {T}, "
         f"{accum} micro-steps, {cfg.train.total_batch_tokens:,} tokens/step; autocast {amp or 'off (float32)'}"
     )
     with torch.no_grad():  # the same weights and batch give the same loss: both do the same work
         x, y = batches[0]
-        print(f"starting loss: gpt2lab {ours_loss(x, y).item():.5f}, transformers {hf_loss(x, y).item():.5f}")
+        losses = {"gpt2lab": ours_loss(x, y), "plain": plain(x, y), "transformers": hf_loss(x, y)}
+        print("starting loss: " + ", ".join(f"{k} {v.item():.5f}" for k, v in losses.items()))
     for name in runners:  # warm-up: first-call allocations and oneDNN kernel selection
         run_block(name)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
@@ -135,13 +234,21 @@ def main() -> None:
     wall = {name: statistics.median(w for w, _ in t) for name, t in times.items()}
     cpu = {name: statistics.median(c for _, c in t) for name, t in times.items()}
     tokens = cfg.train.total_batch_tokens
-    print(f"{'':14}{'steps/s':>9}{'tokens/s':>10}{'wall s/step':>13}{'CPU s/step':>12}")
+    peak = gemm_gflops()
+    flops = ours.estimate_flops_per_token(T)  # the same model for all three: the same useful work
+    print(f"float32 GEMM (2048^3) on this machine: {peak:.0f} GFLOP/s; training: {flops / 1e6:.1f} MFLOP/token")
+    print(f"{'':14}{'steps/s':>9}{'tokens/s':>10}{'wall s/step':>13}{'CPU s/step':>12}{'of GEMM':>9}")
     for name in runners:
-        print(f"{name:14}{1 / wall[name]:9.3f}{tokens / wall[name]:10.0f}{wall[name]:13.3f}{cpu[name]:12.3f}")
-    print(
-        f"ratio gpt2lab / transformers: {wall['transformers'] / wall['gpt2lab']:.2f}x steps/s (wall), "
-        f"{cpu['transformers'] / cpu['gpt2lab']:.2f}x (CPU time)"
-    )
+        frac = tokens / wall[name] * flops / 1e9 / peak
+        print(
+            f"{name:14}{1 / wall[name]:9.3f}{tokens / wall[name]:10.0f}{wall[name]:13.3f}{cpu[name]:12.3f}"
+            f"{frac:9.0%}"
+        )
+    for peer in ("plain", "transformers"):
+        print(
+            f"ratio gpt2lab / {peer}: {wall[peer] / wall['gpt2lab']:.2f}x tokens/s (wall), "
+            f"{cpu[peer] / cpu['gpt2lab']:.2f}x (CPU time)"
+        )
 
 
 if __name__ == "__main__":

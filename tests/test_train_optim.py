@@ -105,6 +105,48 @@ def test_fused_loss_matches_plain_cross_entropy():
     assert torch.all(fw[60:] == 0)  # padding rows get no gradient
 
 
+def _plain_and_fused(hidden, weight, targets, vocab, chunk):
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.t())[:, :vocab], targets, ignore_index=-1)
+    gh, gw = torch.autograd.grad(expected, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, vocab_size=vocab, chunk=chunk)
+    fh, fw = torch.autograd.grad(loss, (hidden, weight))
+    return (expected, gh, gw), (loss, fh, fw)
+
+
+def test_fused_loss_recomputes_a_chunk_whose_logits_overflow_the_target_shift():
+    # The float32 CPU path shifts each softmax by the target's logit; a logit more than 88 above it
+    # overflows exp() in float32, and that chunk (rows 8-15 here) must take the max-shifted way.
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 16)
+    weight = 0.1 * torch.randn(64, 16)
+    weight[7] = 0.0
+    weight[7, 0] = 20.0
+    hidden[10] = 0.0
+    hidden[10, 0] = 10.0  # logit 200 for token 7; the target is another token, a loss near 200 nats
+    targets = torch.randint(8, 60, (24,))
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    (expected, gh, gw), (loss, fh, fw) = _plain_and_fused(hidden, weight, targets, 60, 8)
+    assert expected.item() > 200 / 24  # the row's loss is in the mean
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fh, gh)
+    torch.testing.assert_close(fw, gw)
+
+
+def test_fused_loss_in_float64_takes_the_max_shifted_path_and_matches():
+    # Anything but float32 on a CPU (float64 here; bf16 autocast and GPUs alike) uses the max-shifted
+    # softmax, with grad_w updated two chunks at a time.
+    torch.manual_seed(1)
+    hidden = torch.randn(29, 16, dtype=torch.float64, requires_grad=True)
+    weight = (0.1 * torch.randn(64, 16, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 60, (29,))
+    targets[3:6] = -1
+    (expected, gh, gw), (loss, fh, fw) = _plain_and_fused(hidden, weight, targets, 60, 4)
+    torch.testing.assert_close(loss.double(), expected)
+    torch.testing.assert_close(fh, gh)
+    torch.testing.assert_close(fw, gw)
+
+
 def test_model_training_path_matches_logits_path():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))

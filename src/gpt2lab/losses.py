@@ -8,11 +8,26 @@ writes its gradient, several passes over memory for little arithmetic. Here the 
 and right away the gradient of the loss with respect to the chunk's logits, softmax - one-hot, which
 is multiplied into the gradients of the hidden states and of the weight. The backward pass then only
 scales those by the incoming gradient. The arithmetic is the same three matmuls as the plain path;
-the memory traffic of the softmax is gone. On a 2-core CPU this halves the time of the output layer
-(bench/train_cpu.py). The idea is that of Liger Kernel's fused linear cross-entropy and of Apple's
-"Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al., 2024).
+the memory traffic of the softmax is gone. The idea is that of Liger Kernel's fused linear
+cross-entropy and of Apple's "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al.,
+2024).
 
-Matmuls run in the autocast dtype when autocast is on (bf16), the softmax always in float32.
+Two ways through a chunk:
+
+- float32 on a CPU (`_cpu_float32`): every pass over the (vocabulary x chunk) block costs about as much
+  as a third of its matmul, so the block is touched as few times as the math allows. The softmax is
+  shifted by each token's *target* logit instead of the row maximum: that shift is a dot product per
+  token, computed before the matmul and subtracted by it (a per-token bias), so there is no max pass
+  and no subtraction pass, and the loss is simply log(sum(exp)) (the target's own term is exp(0) = 1,
+  so the sum is at least 1 and cannot underflow). Only a logit more than 88 above the target's (a loss
+  over 88 nats) overflows float32: such a chunk is detected (a non-finite sum) and recomputed the usual
+  way. Padding rows of the vocabulary are never computed, the block is never rescaled: the per-token
+  factors 1 / (sum * tokens) go onto the small operands of the two gradient matmuls instead, and the
+  one-hot part is a row gather and an `index_add_`.
+- everything else (GPUs, bf16 autocast): the usual max-shifted softmax, with the matmuls in the
+  autocast dtype and the softmax in float32.
+
+Both keep the count of tokens as a tensor, so nothing waits on the device.
 """
 
 from __future__ import annotations
@@ -21,9 +36,111 @@ import torch
 
 
 def default_chunk(device: torch.device) -> int:
-    """Rows per softmax chunk: a float32 (128, 50304) block (26 MB) stays in a CPU's last-level cache;
-    GPUs want big matmuls."""
-    return 128 if device.type == "cpu" else 4096
+    """Tokens per chunk. On a CPU, 256: the three matmuls of a (50257, 256) block ran 20-30% faster than
+    those of a (50257, 128) block, which fits a 32 MB last-level cache but whose matmuls have an inner
+    or outer dimension of only 128 (docs/performance.md). GPUs want big matmuls."""
+    return 256 if device.type == "cpu" else 4096
+
+
+def _cpu_float32(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    vocab_size: int,
+    chunk: int,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sum over tokens of weights * cross-entropy, and its gradients (already times `weights`).
+
+    h: (N, C) float32, w: (V_padded, C), targets: (N,) in [0, vocab_size), weights: (N,) float32 (the
+    mean's 1 / n_valid, 0 for ignored tokens). Returns total (scalar), grad_h (N, C), grad_w (V_padded, C).
+    """
+    N, C = h.shape
+    wv = w[:vocab_size]  # (V, C): the padding rows take no part
+    w_t = wv.index_select(0, targets)  # (N, C) each token's target row
+    picked = (h * w_t).sum(1)  # (N,) target logits: the shift of each token's softmax
+    total = torch.zeros((), dtype=torch.float32)
+    grad_h = grad_w = None
+    if needs_grad:
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32)
+    # One block for every chunk: writing into memory already touched is faster than a fresh 51 MB tensor
+    # per chunk, and MKL's sgemm (into `out`) beat oneDNN's matmul on these shapes on an AVX2 CPU.
+    buf = torch.empty(vocab_size, min(chunk, N), dtype=torch.float32)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        hc, a = h[s:e], weights[s:e]  # (c, C), (c,)
+        # (V, c) exp(logit - target logit): the matmul adds the bias -picked while it writes the block
+        E = torch.addmm(-picked[s:e], wv, hc.t(), out=buf[:, : e - s]).exp_()
+        sums = E.sum(0)  # (c,) >= 1
+        if not bool(torch.isfinite(sums).all()):
+            # A logit 88 above the target's overflowed: this chunk the usual way (the check reads a CPU
+            # tensor, no device to wait for).
+            sub = _shifted(hc, w, targets[s:e], a, vocab_size, torch.float32, chunk, needs_grad)
+            total += sub[0]
+            if needs_grad:
+                grad_h[s:e] = sub[1]
+                grad_w += sub[2]
+            continue
+        total += (sums.log() * a).sum()  # log(sum exp(logit - picked)) = log-sum-exp - picked = the loss
+        if needs_grad:
+            # d/d logits = a * (softmax - one-hot) = (a / sums) * E - a * one-hot
+            r = a / sums  # (c,)
+            gh = torch.mm(E.t(), wv)  # (c, C)
+            grad_h[s:e] = torch.addcmul(gh * r.unsqueeze(1), w_t[s:e], a.unsqueeze(1), value=-1.0)
+            grad_w[:vocab_size].addmm_(E, hc * r.unsqueeze(1))
+            grad_w.index_add_(0, targets[s:e], hc * a.unsqueeze(1), alpha=-1.0)
+    return total, grad_h, grad_w
+
+
+def _shifted(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    vocab_size: int,
+    compute_dtype: torch.dtype,
+    chunk: int,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """As _cpu_float32, with a max-shifted float32 softmax and matmuls in compute_dtype, on any device."""
+    N = h.size(0)
+    device = h.device
+    hd, wd = h.to(compute_dtype), w.to(compute_dtype)  # (N, C), (V_padded, C)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    grad_h = grad_w = None
+    if needs_grad:
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=device)  # (N, C)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device)  # (V_padded, C)
+        # d loss / d logits of 2 chunks, so that grad_w (the size of the embedding) is updated half
+        # as often: each update reads and writes all of it.
+        group = 2 * chunk
+        g_buf = torch.empty(min(group, N), wd.size(0), dtype=compute_dtype, device=device)
+    else:
+        group = chunk
+    for g0 in range(0, N, group):
+        g1 = min(g0 + group, N)
+        for start in range(g0, g1, chunk):
+            end = min(start + chunk, g1)
+            t_c, a = targets[start:end], weights[start:end]  # (c,), (c,)
+            logits = torch.mm(hd[start:end], wd.t()).float()  # (c, V_padded)
+            logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are not tokens
+            picked = logits.gather(1, t_c.unsqueeze(1)).squeeze(1)  # (c,)
+            peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
+            exp = logits.sub_(peak).exp_()  # in place, one exp per logit: (c, V_padded)
+            sums = exp.sum(dim=1)  # (c,)
+            lse = peak.squeeze(1) + sums.log()  # (c,) log-sum-exp
+            total += ((lse - picked) * a).sum()
+            if needs_grad:
+                probs = exp.mul_((a / sums).unsqueeze(1))  # a * softmax
+                probs[torch.arange(end - start, device=device), t_c] -= a  # - a * one-hot
+                g = g_buf[start - g0 : end - g0]
+                g.copy_(probs)
+                grad_h[start:end] = torch.mm(g, wd)  # (c, C)
+        if needs_grad:
+            grad_w += torch.mm(g_buf[: g1 - g0].t(), hd[g0:g1])  # (V_padded, C)
+    return total, grad_h, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -37,49 +154,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         chunk: int,
     ) -> torch.Tensor:
-        N = hidden.size(0)
         valid = targets != -1  # (N,) -1 marks positions without a loss, as in F.cross_entropy(ignore_index=-1)
-        n_valid = int(valid.sum())
+        # The mean's 1 / n_valid per token (0 where ignored), kept on the device: no host read.
+        weights = valid.float() / valid.sum().clamp(min=1)  # (N,)
+        t = targets.clamp(min=0)  # (N,)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        h = hidden.to(compute_dtype)  # (N, C)
-        w = weight.to(compute_dtype)  # (V_padded, C)
-        scale = 1.0 / max(n_valid, 1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        if needs_grad:
-            grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, C)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V_padded, C)
-            # d loss / d logits of 2 chunks, so that grad_w (the size of the embedding) is updated half
-            # as often: each update reads and writes all of it.
-            group = 2 * chunk
-            g_buf = torch.empty(min(group, N), w.size(0), dtype=compute_dtype, device=hidden.device)
+        fast = (
+            hidden.device.type == "cpu"
+            and compute_dtype == torch.float32
+            and hidden.dtype == torch.float32
+            and weight.dtype == torch.float32
+        )
+        if fast:
+            total, grad_h, grad_w = _cpu_float32(
+                hidden.contiguous(), weight.contiguous(), t, weights, vocab_size, chunk, needs_grad
+            )
         else:
-            group = chunk
-        for g0 in range(0, N, group):
-            g1 = min(g0 + group, N)
-            for start in range(g0, g1, chunk):
-                end = min(start + chunk, g1)
-                t_c = targets[start:end].clamp(min=0)  # (c,)
-                v_c = valid[start:end].float()  # (c,)
-                logits = torch.mm(h[start:end], w.t()).float()  # (c, V_padded)
-                logits[:, vocab_size:] = float("-inf")  # padding rows of the vocabulary are not tokens
-                picked = logits.gather(1, t_c.unsqueeze(1)).squeeze(1)  # (c,)
-                peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
-                exp = logits.sub_(peak).exp_()  # in place, one exp per logit: (c, V_padded)
-                sums = exp.sum(dim=1)  # (c,)
-                lse = peak.squeeze(1) + sums.log()  # (c,) log-sum-exp
-                total += ((lse - picked) * v_c).sum()
-                if needs_grad:
-                    # softmax - one-hot, times the mean's 1 / n_valid (0 for ignored rows)
-                    probs = exp.mul_((v_c * scale / sums).unsqueeze(1))
-                    probs[torch.arange(end - start, device=probs.device), t_c] -= v_c * scale
-                    g = g_buf[start - g0 : end - g0]
-                    g.copy_(probs)
-                    grad_h[start:end] = torch.mm(g, w)  # (c, C)
-            if needs_grad:
-                grad_w += torch.mm(g_buf[: g1 - g0].t(), h[g0:g1])  # (V_padded, C)
+            total, grad_h, grad_w = _shifted(hidden, weight, t, weights, vocab_size, compute_dtype, chunk, needs_grad)
         if needs_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total * scale
+            ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
