@@ -1,12 +1,23 @@
 """`make demo`: train a small GPT-2 on this CPU in a few minutes, offline, and show what it learned.
 
-    python -m gpt2lab.demo                  # what `make demo` runs
-    python -m gpt2lab.demo --steps 50       # shorter
+    python -m gpt2lab.demo                  # what `make demo` runs: 5 minutes in all
+    python -m gpt2lab.demo --minutes 10     # a longer budget, a lower loss
+    python -m gpt2lab.demo --steps 50       # a fixed number of steps, no timing
 
 Steps: pick a corpus (Tiny Shakespeare, which ships with gpt2lab, or with --corpus pydoc the Python
-documentation that ships with CPython, `pydoc_data.topics`), tokenize it into data/, train the
-`configs/shakespeare-cpu.toml` model into runs/demo with the progress bar, print samples, write the
-loss plot, and say where everything is and what to try next.
+documentation that ships with CPython, `pydoc_data.topics`), tokenize it into data/, time a few training
+steps of the `configs/shakespeare-cpu.toml` model on this machine and fit the run to the budget, train it
+into runs/demo with the progress bar, print samples, write the loss plot, and say where everything is
+and what to try next.
+
+Fitting the run to the budget: a step costs what this CPU makes of it (float32 on an AVX2 CPU is about
+three times slower than bf16 on one with AVX-512 and bf16 instructions), so the demo times a few steps
+first (CALIBRATION_STEPS), then fixes the number of steps and the schedule so that the whole demo ends
+within --minutes, and prints what it chose and why. Where the config's 1200 steps fit, it trains them as
+they are. Where they don't, it trains a short run: half the config's tokens per step (SHORT_RUN), as many
+steps as fit, the same peak learning rate, the warm-up the same share of the run. For the same tokens,
+more and smaller steps reached a lower val loss (5.22 against 5.35 at 461K tokens), and higher peak
+learning rates a higher one (docs/performance.md, "The demo").
 """
 
 from __future__ import annotations
@@ -16,13 +27,27 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import load_train_config
 from .errors import GPT2LabError
 from .fileio import atomic_write_text
+from .train.config import load_train_config
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 CONFIG_NAME = "shakespeare-cpu.toml"
+DEFAULT_MINUTES = 5.0
+CALIBRATION_STEPS = 8  # the first 3 warm up (allocations, oneDNN's kernel choice) and are not counted
+CALIBRATION_WARMUP = 3
+# What a run needs beyond its steps: the evaluations, the checkpoint, the samples, the plot (measured at
+# about 10 s on a 2-core CPU; twice that, so that a slower machine still ends within its budget).
+RESERVE_SECONDS = 20.0
+MIN_STEPS = 50
+# A short run's steps: 4 x 128 tokens instead of the config's 8 x 128 (docs/performance.md, "The demo").
+SHORT_RUN = ("train.batch_size=4", "train.total_batch_tokens=512")
 PROMPTS = {"tinyshakespeare": ["ROMEO:", "JULIET:\nO"], "pydoc-topics": ["The with statement", "A class"]}
 
 
@@ -50,7 +75,13 @@ def choose_corpus(data_root: Path, corpus: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpt2lab.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help=f"wall-time budget for the whole demo; the steps are fitted to it (default: {DEFAULT_MINUTES:g})",
+    )
+    ap.add_argument("--steps", type=int, help="a fixed number of optimizer steps instead of fitting to --minutes")
     ap.add_argument("--out", default="runs/demo", help="run directory, replaced if it exists (default: runs/demo)")
     ap.add_argument("--data-root", default="data", help="where the tokenized corpus goes (default: data)")
     ap.add_argument(
@@ -62,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if not args.minutes > 0:
+        ap.error(f"--minutes must be positive, got {args.minutes:g}")
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
     try:
         return _run(args)
     except GPT2LabError as e:
@@ -84,12 +119,16 @@ def _run(args: argparse.Namespace) -> int:
     splits = prepared.manifest["splits"]
     print(f"tokens: {splits['train']['tokens']:,} train, {splits['val']['tokens']:,} val in {data_dir}\n")
 
-    overrides = [f"data.dir={data_dir}", f"train.out_dir={out}", *args.overrides]
+    prompt = PROMPTS[name][0]
+    overrides = [f"data.dir={data_dir}", f"train.out_dir={out}", f"eval.sample_prompt={json.dumps(prompt)}"]
+    overrides += args.overrides
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
-    prompt = PROMPTS[name][0]
-    overrides.append(f"eval.sample_prompt={json.dumps(prompt)}")
     cfg = load_train_config(find_config(), overrides)
+    if args.steps is None:
+        plan = plan_run(cfg, overrides, args.minutes * 60, t_start, out.parent)
+        print(plan.explain(cfg) + "\n")
+        cfg = load_train_config(find_config(), overrides + plan.overrides())
     if out.exists():
         print(f"replacing the previous demo run in {out}")
         shutil.rmtree(out)
@@ -115,8 +154,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"---\n{text}{tok.decode(tokens)}")
     plot = plot_runs([out], out / "loss.png")
     val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
+    budget = f" of a {args.minutes:g}-minute budget" if args.steps is None else ""
     print(
-        f"---\n\ndone in {elapsed / 60:.1f} min (data preparation + training): {result.step} steps, "
+        f"---\n\ndone in {elapsed / 60:.1f} min{budget} (data preparation + training): {result.step} steps, "
         f"val loss {val} nats per token on the {name} val split"
     )
     places = [
@@ -141,6 +181,124 @@ def _run(args: argparse.Namespace) -> int:
         "  README.md, section Training, says more"
     )
     return 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many steps fit, and the schedule that goes with them."""
+
+    step_time: float  # seconds per optimizer step on this machine, measured
+    budget: float  # seconds for the whole demo
+    spent: float  # seconds already gone (preparation, timing)
+    steps: int
+    warmup_steps: int
+    tokens_per_step: int
+    short: bool  # the config's steps did not fit: a short run (SHORT_RUN)
+
+    def overrides(self) -> list[str]:
+        every = max(1, self.steps // 2)  # two evaluations: a point mid-way on the plot, and the last
+        return [
+            *(SHORT_RUN if self.short else ()),
+            f"train.max_steps={self.steps}",
+            f"optim.warmup_steps={self.warmup_steps}",
+            f"eval.every={every}",
+            f"checkpoint.every={every}",
+        ]
+
+    def explain(self, cfg: TrainConfig) -> str:
+        """What was measured and chosen, for the person waiting; `cfg` is the config as it was asked for."""
+        import torch
+
+        from .runtime import autocast_dtype, cpu_has_fast_bf16, resolve_device
+
+        device = resolve_device(cfg.train.device)
+        dtype = autocast_dtype(cfg.train.precision, device)
+        if device.type == "cpu":
+            isa = torch.backends.cpu.get_cpu_capability()
+            where = f"this CPU ({isa} kernels, {'with' if cpu_has_fast_bf16() else 'no'} bf16 instructions)"
+        else:
+            where = f"this {device.type} device"
+        precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "float16 autocast"}[dtype]
+        left = self.budget - self.spent - RESERVE_SECONDS
+        minutes = self.steps * self.step_time / 60
+        lines = [
+            f"budget: {self.budget / 60:g} min in all; {self.spent:.0f} s went to preparing the data and timing "
+            f"steps: {self.step_time * 1000:.0f} ms per step of {self.tokens_per_step} tokens on {where}, {precision}"
+        ]
+        o = cfg.optim
+        schedule = f"warm-up {self.warmup_steps} steps, learning rate {o.lr:g} decaying to {o.min_lr:g}"
+        if self.short:
+            lines.append(
+                f"plan: the config's {cfg.train.max_steps} steps do not fit in the {left / 60:.1f} min left after "
+                f"{RESERVE_SECONDS:.0f} s kept for evaluation, samples and the plot; a short run instead: "
+                f"{self.steps} steps ({minutes:.1f} min) of {self.tokens_per_step} tokens, {schedule} at step "
+                f"{self.steps}"
+            )
+        else:
+            lines.append(
+                f"plan: the config's {self.steps} steps ({minutes:.1f} min) fit in the {left / 60:.1f} min left; "
+                f"its schedule as it is ({schedule})"
+            )
+        return "\n".join(lines)
+
+
+def time_steps(cfg: TrainConfig, scratch_parent: Path) -> float:
+    """Seconds per optimizer step of `cfg` on this machine: the median of the steps after
+    CALIBRATION_WARMUP of a throwaway run (no evaluation) whose directory is removed."""
+    import dataclasses
+    import tempfile
+
+    from .metrics import read_metrics
+    from .train.loop import train
+
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".demo-timing-", dir=scratch_parent) as tmp:
+        t = dataclasses.replace(cfg.train, out_dir=tmp, max_steps=CALIBRATION_STEPS, log_every=1)
+        ev = dataclasses.replace(cfg.eval, every=0, val_tokens=0, sample_tokens=0, tasks=[])
+        ck = dataclasses.replace(cfg.checkpoint, every=0)
+        train(dataclasses.replace(cfg, train=t, eval=ev, checkpoint=ck), progress=False)
+        times = [r["step_time"] for r in read_metrics(tmp) if r.get("kind") == "train"]
+    timed = sorted(times[CALIBRATION_WARMUP:])
+    if not timed:
+        raise GPT2LabError("timing the training steps recorded no step times")
+    return timed[len(timed) // 2]
+
+
+def plan_run(cfg: TrainConfig, overrides: list[str], budget: float, t_start: float, scratch: Path) -> Plan:
+    """Time the config's steps; if they don't all fit in the budget, time a short run's and fit that."""
+    step_time = time_steps(cfg, scratch)
+    plan = fit_to_budget(cfg, step_time, budget, time.perf_counter() - t_start)
+    if not plan.short:
+        return plan
+    short = load_train_config(find_config(), [*overrides, *SHORT_RUN])
+    step_time = time_steps(short, scratch)
+    return fit_to_budget(cfg, step_time, budget, time.perf_counter() - t_start, short=short)
+
+
+def fit_to_budget(
+    cfg: TrainConfig, step_time: float, budget: float, spent: float, short: TrainConfig | None = None
+) -> Plan:
+    """The plan for `budget` seconds, `spent` of them gone, at `step_time` seconds per step.
+
+    Without `short`: the config's run if all its steps fit, else a Plan marked short (to be timed with
+    SHORT_RUN's steps). With `short` (the config with SHORT_RUN applied, whose steps took `step_time`):
+    as many of its steps as fit, at least MIN_STEPS (and a note that it will take longer), with the
+    config's warm-up share.
+    """
+    left = budget - spent - RESERVE_SECONDS
+    fit = int(left / step_time) if left > 0 else 0
+    o, t = cfg.optim, cfg.train
+    if short is None:
+        return Plan(step_time, budget, spent, t.max_steps, o.warmup_steps, t.total_batch_tokens, fit < t.max_steps)
+    same_tokens = t.max_steps * t.total_batch_tokens // short.train.total_batch_tokens
+    steps = min(max(MIN_STEPS, fit), same_tokens)
+    if steps > fit:
+        print(
+            f"note: only {fit} steps fit in {budget / 60:g} min on this machine; training {steps}, "
+            "which will take longer (raise --minutes)"
+        )
+    warmup = max(1, round(o.warmup_steps * steps / t.max_steps))
+    return Plan(step_time, budget, spent, steps, warmup, short.train.total_batch_tokens, True)
 
 
 if __name__ == "__main__":
