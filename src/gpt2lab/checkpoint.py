@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 
 from ._version import __version__
 from .config import GPTConfig
+from .distributed import DistEnv, broadcast_from_main, gather_to_main
 from .errors import GPT2LabError
 from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, fsync_dir, load_safetensors
 from .model import GPT, unwrap
@@ -240,11 +242,23 @@ def load_model_and_tokenizer(
 # The directory is built under a hidden temporary name and renamed into place, so `step_*` directories
 # are always complete; a kill -9 mid-write leaves only a hidden `.step_*.tmp-*` directory, which the
 # next run removes. Old checkpoints are renamed to a hidden name before deletion for the same reason.
+#
+# A sharded (FSDP) run writes the same directory with the model and optimizer tensors in DCP's format
+# (torch.distributed.checkpoint) instead of optimizer.safetensors, each rank writing its own shards:
+#
+#     dcp/.metadata           DCP's index: every tensor's global shape and which file holds which rows
+#     dcp/__<rank>_0.distcp   rank <rank>'s rows of "model.<name>" and "optimizer.state.<name>.<key>"
+#     model.safetensors       the whole weights, gathered to rank 0 (sample, eval, convert, --init-from)
+#     trainer.json            as above, with "sharded": "dcp"; "optimizer" keeps the parameter groups
+#
+# DCP records global offsets, so the shards load onto any number of ranks, sharded or not (see
+# load_sharded_state).
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer.json"
+SHARDED_SUBDIR = "dcp"
 COUNTERS = ("step", "tokens", "skipped_steps", "best_val_loss")
-_TRAINER_KEYS = {*COUNTERS, "world_size", "optimizer", "ranks"}
+_TRAINER_KEYS = {*COUNTERS, "world_size", "optimizer", "ranks", "sharded"}
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -253,7 +267,8 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return is_checkpoint(path) and (path / TRAINER_FILE).is_file() and (path / OPTIMIZER_FILE).is_file()
+    tensors = (path / OPTIMIZER_FILE).is_file() or (path / SHARDED_SUBDIR / ".metadata").is_file()
+    return is_checkpoint(path) and (path / TRAINER_FILE).is_file() and tensors
 
 
 def find_latest_training(run_dir: str | os.PathLike) -> Path | None:
@@ -283,12 +298,7 @@ def save_training_checkpoint(
         return dest
     optimizer = dict(states["optimizer"])
     optimizer_tensors = optimizer.pop("tensors")
-    ranks = states["ranks"]
-    trainer = {**states["counters"], "world_size": len(ranks), "optimizer": optimizer, "ranks": ranks}
-    for name, state in states.items():
-        if name not in ("model", "optimizer", "counters", "ranks") and state:
-            assert name not in _TRAINER_KEYS, name
-            trainer[name] = state
+    trainer = _trainer_record(states, optimizer)
     try:
         with atomic_dir(dest, overwrite=True) as tmp:
             atomic_save_safetensors(tmp / OPTIMIZER_FILE, optimizer_tensors, metadata={"format": "pt"})
@@ -296,18 +306,123 @@ def save_training_checkpoint(
             # gpt2lab.json last: a directory holding it is a complete checkpoint.
             write_model_files(tmp, states["model"], config, tokenizer, {"training": training_meta})
     except OSError as e:
-        previous = find_latest_training(run_dir)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise GPT2LabError(
-            f"could not write checkpoint {dest}: {e.strerror or e}; {kept}. Free disk space or fix the "
-            "permissions, then continue with --resume auto"
-        ) from None
+        raise GPT2LabError(_write_failed(run_dir, dest, e.strerror or str(e))) from None
     return dest
+
+
+def _trainer_record(states: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, Any]:
+    ranks = states["ranks"]
+    trainer = {**states["counters"], "world_size": len(ranks), "optimizer": optimizer, "ranks": ranks}
+    for name, state in states.items():
+        if name not in ("model", "optimizer", "counters", "ranks") and state:
+            assert name not in _TRAINER_KEYS, name
+            trainer[name] = state
+    return trainer
+
+
+def _write_failed(run_dir: str | os.PathLike, dest: Path, why: str) -> str:
+    previous = find_latest_training(run_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return (
+        f"could not write checkpoint {dest}: {why}; {kept}. Free disk space or fix the permissions, then "
+        "continue with --resume auto"
+    )
+
+
+def save_sharded_training_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    sharded: dict[str, Any],
+    states: dict[str, Any] | None,
+    full_weights: dict[str, torch.Tensor],
+    config: GPTConfig,
+    tokenizer: Tokenizer | dict[str, Any],
+    training_meta: dict[str, Any] | None,
+    env: DistEnv,
+) -> Path:
+    """Write `checkpoints/step_<step>/` of a sharded run; every rank calls it, and every rank gets the
+    path or the same GPT2LabError.
+
+    `sharded` is {"model": ..., "optimizer": {"state": ...}} of DTensors (train.state's Sharded*
+    components), saved by DCP with every rank writing its own rows into one shared temporary
+    directory. Rank 0 alone gives `states` (the other components, the optimizer's "param_groups",
+    "ranks"), `full_weights` (model.safetensors) and `training_meta`, and writes them once every rank's
+    shards are on disk; gpt2lab.json last, then the rename. The ranks must share a file system.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dest = checkpoint_dir(run_dir, step)
+    tmp_name, error, done = "", "", False
+    if env.is_main:
+        done = is_training_checkpoint(dest)
+        if not done:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp_name = tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+            except OSError as e:
+                error = _write_failed(run_dir, dest, e.strerror or str(e))
+    tmp_name, error, done = broadcast_from_main((tmp_name, error, done), env)
+    if error:
+        raise GPT2LabError(error)
+    if done:
+        return dest
+    tmp = Path(tmp_name)
+    try:
+        dcp.save(sharded, checkpoint_id=tmp / SHARDED_SUBDIR)
+    except Exception as e:  # DCP gathers every rank's failure into one CheckpointException, on every rank
+        error = _write_failed(run_dir, dest, f"{type(e).__name__}: {e}")
+    errors = gather_to_main(error, env)
+    if env.is_main:
+        assert errors is not None and states is not None and training_meta is not None
+        error = next((e for e in errors if e), "")
+        try:
+            if not error:
+                trainer = {**_trainer_record(states, states["optimizer"]), "sharded": "dcp"}
+                atomic_write_json(tmp / TRAINER_FILE, trainer)
+                write_model_files(tmp, full_weights, config, tokenizer, {"training": training_meta})
+                fsync_dir(tmp / SHARDED_SUBDIR)
+                fsync_dir(tmp)
+                os.replace(tmp, dest)
+                fsync_dir(dest.parent)
+        except OSError as e:
+            error = _write_failed(run_dir, dest, e.strerror or str(e))
+        if error:
+            shutil.rmtree(tmp, ignore_errors=True)
+    error = broadcast_from_main(error, env)
+    if error:
+        raise GPT2LabError(error)
+    return dest
+
+
+def load_sharded_state(
+    folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved_groups: list[Any]
+) -> None:
+    """Load a sharded checkpoint's model and optimizer tensors into `model` and its `optimizer`, on
+    any number of ranks, sharded (FSDP2) or whole (one process, DDP): DCP reads each rank's rows
+    (or the whole tensors) from whichever files hold them. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(folder)
+    if [g.get("names") for g in saved_groups] != [g.get("names") for g in optimizer.param_groups]:
+        raise GPT2LabError("optimizer state names other parameters than this model's; it belongs to another model")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # lm_head.weight is the tied embedding (the same tensor): stored and read once.
+    weights = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
+    target = {"model": weights, "optimizer": {"state": optim_sd["state"]}}
+    try:
+        # no_dist: one process reads the whole tensors (DCP would warn that it assumes so).
+        dcp.load(target, checkpoint_id=folder / SHARDED_SUBDIR, no_dist=not torch.distributed.is_initialized())
+    except Exception as e:  # a missing key or another shape: DCP's CheckpointException names it
+        raise GPT2LabError(f"cannot load the sharded state in {folder / SHARDED_SUBDIR}: {e}") from None
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
 def load_training_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metadata, states) of a training checkpoint: gpt2lab.json, and the dict of components that
-    `save_training_checkpoint` was given, its tensors on the CPU."""
+    `save_training_checkpoint` was given, its tensors on the CPU. For a sharded checkpoint "model" is
+    absent, "optimizer" holds only the parameter groups and "sharded" is the folder, for
+    load_sharded_state."""
     folder = Path(folder)
     if not is_training_checkpoint(folder):
         raise GPT2LabError(
@@ -323,13 +438,19 @@ def load_training_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any],
     absent = [k for k in ("step", "tokens", "ranks") if not isinstance(trainer, dict) or k not in trainer]
     if absent:
         raise GPT2LabError(f"{path} has no {absent[0]!r}: it is damaged; resume from another checkpoint")
-    states: dict[str, Any] = {
-        "model": load_safetensors(folder / WEIGHTS_FILE),
-        "optimizer": {**trainer.get("optimizer", {}), "tensors": load_safetensors(folder / OPTIMIZER_FILE)},
-        "counters": {k: trainer[k] for k in COUNTERS if k in trainer},
-        "ranks": trainer["ranks"],
-        **{k: v for k, v in trainer.items() if k not in _TRAINER_KEYS},
-    }
+    states: dict[str, Any] = {"counters": {k: trainer[k] for k in COUNTERS if k in trainer}}
+    if trainer.get("sharded") == "dcp":  # the tensors stay on disk until load_sharded_state reads them
+        states["sharded"] = folder
+        states["optimizer"] = trainer.get("optimizer", {})
+    else:
+        states["model"] = load_safetensors(folder / WEIGHTS_FILE)
+        states["optimizer"] = {**trainer.get("optimizer", {}), "tensors": load_safetensors(folder / OPTIMIZER_FILE)}
+    states.update(
+        {
+            "ranks": trainer["ranks"],
+            **{k: v for k, v in trainer.items() if k not in _TRAINER_KEYS},
+        }
+    )
     # Checkpoints written before the schedule was a component of its own: it is where the step is.
     states.setdefault("schedule", {"step": trainer["step"]})
     return meta, states

@@ -9,6 +9,8 @@ Examples:
   gpt2lab train configs/finetune-gpt2-shakespeare.toml --init-from gpt2-medium
   gpt2lab train configs/gpt2-124M-fineweb-edu.toml --resume auto
   torchrun --standalone --nproc_per_node=8 -m gpt2lab train configs/gpt2-124M-fineweb-edu.toml
+  torchrun --standalone --nproc_per_node=8 -m gpt2lab train configs/finetune-gpt2-xl.toml --parallel fsdp
+  gpt2lab train configs/finetune-gpt2-xl.toml --plan --world-size 8 --gpu-memory 40
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | mps (train.device)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (train.compile)")
     p.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        help="under torchrun: replicate the model (ddp) or shard weights, gradients and optimizer (fsdp)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block in the backward: less activation memory (train.activation_checkpointing)",
+    )
+    p.add_argument("--plan", action="store_true", help="print the per-device memory plan for DDP and FSDP and exit")
+    p.add_argument(
+        "--world-size", type=int, metavar="N", help="ranks for --plan (default: $WORLD_SIZE, else GPUs, else 1)"
+    )
+    p.add_argument(
+        "--gpu-memory", type=float, metavar="GB", help="device memory for --plan (default: the detected GPU's)"
+    )
+    p.add_argument(
         "--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/inf loss instead of stopping"
     )
     p.add_argument(
@@ -68,6 +88,8 @@ FLAG_KEYS = {
     "device": "train.device",
     "compile": "train.compile",
     "skip_nonfinite": "train.skip_nonfinite",
+    "parallel": "train.parallel",
+    "activation_checkpointing": "train.activation_checkpointing",
 }
 
 
@@ -82,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     if args.print_config:
         sys.stdout.write(to_toml(cfg))
+        return 0
+    if args.plan:
+        sys.stdout.write(memory_plan(cfg, args.world_size, args.gpu_memory))
         return 0
     from .. import distributed
     from ..train.loop import train
@@ -105,3 +130,49 @@ def run(args: argparse.Namespace) -> int:
         print("continue:      run the same command again with --resume auto")
     print(f"next:          gpt2lab sample --model {result.run_dir} --prompt '...'   gpt2lab plot {result.run_dir}")
     return 0
+
+
+def plan_model_config(cfg):
+    """The shape a run will train: a preset or checkpoint named by train.init_from, else [model]."""
+    from ..config import MODEL_PRESETS, GPTConfig
+
+    source = cfg.train.init_from
+    name = source.removeprefix("openai-community/")
+    if name in MODEL_PRESETS:
+        return GPTConfig.from_preset(name, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    if source:
+        from ..checkpoint import read_meta, resolve_checkpoint
+
+        found = resolve_checkpoint(source)
+        if found is not None:
+            return GPTConfig.from_dict(read_meta(found)["model"])
+    return cfg.model_config()
+
+
+def memory_plan(cfg, world_size: int | None, gpu_memory_gb: float | None) -> str:
+    """The text `--plan` prints (see gpt2lab.train.plan)."""
+    import torch
+
+    from ..errors import GPT2LabError
+    from ..train.loop import gradient_accumulation
+    from ..train.plan import format_plan, plan
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 1
+    if world_size < 1:
+        raise GPT2LabError(f"--world-size must be at least 1, got {world_size}")
+    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
+        raise GPT2LabError(f"--gpu-memory must be positive (GB), got {gpu_memory_gb}")
+    memory = gpu_memory_gb * 1e9 if gpu_memory_gb else None
+    if memory is None and torch.cuda.is_available():
+        memory = float(torch.cuda.get_device_properties(0).total_memory)
+    model = plan_model_config(cfg)
+    t = cfg.train
+    accum = gradient_accumulation(cfg, world_size)
+    compute = 4 if t.precision == "fp32" else 2  # auto plans for a GPU's bf16
+    plans = [plan(model, p, world_size, t.batch_size, t.seq_len, accum, compute) for p in ("ddp", "fsdp")]
+    head = (
+        f"{model.n_layer} layers x {model.n_embd} wide, micro-batch {t.batch_size} x {t.seq_len}, "
+        f"{world_size} rank(s), gradient accumulation {accum}, compute in {'float32' if compute == 4 else 'bf16'}\n"
+    )
+    return head + format_plan(plans, t.batch_size, memory)

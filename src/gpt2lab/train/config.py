@@ -89,6 +89,10 @@ class TrainSection:
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped
     log_every: int = 1  # metrics.jsonl records every N steps
     tensorboard: bool = False
+    # Under torchrun: "ddp" replicates the model on every rank, "fsdp" shards weights, gradients and
+    # AdamW state across the ranks (FSDP2; see train/parallel.py and `gpt2lab train --plan`).
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ class TrainConfig:
             need(getattr(t, key) >= 1, f"train.{key}", "a positive integer")
         need(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}")
         need(t.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0")
+        need(t.parallel in PARALLEL, "train.parallel", f"one of {', '.join(PARALLEL)}")
         need(bool(t.out_dir), "train.out_dir", "a directory")
         need(m.block_size is None or t.seq_len <= m.block_size, "train.seq_len", "at most model.block_size")
         need(e.every >= 0, "eval.every", ">= 0 (0 = only at the end)")
@@ -235,6 +240,7 @@ class TrainConfig:
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PARALLEL = ("ddp", "fsdp")  # train/parallel.py, which imports torch, names the same two
 
 
 def _plain(value: Any) -> Any:

@@ -54,9 +54,25 @@ from ..tokenizer import Tokenizer, get_tokenizer
 from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
 from .config import TrainConfig, to_toml
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
-from .optim import Schedule, build_optimizer
+from .optim import Schedule, build_optimizer, optimizer_groups
+from .parallel import (
+    check_fsdp_supported,
+    clip_gradients,
+    enable_activation_checkpointing,
+    gathered_for_eval,
+    shard_model,
+)
 from .signals import StopRequest
-from .state import PER_RANK, Counters, ModelState, OptimizerState, RNGState, Stateful
+from .state import (
+    PER_RANK,
+    Counters,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    ShardedModelState,
+    ShardedOptimizerState,
+    Stateful,
+)
 
 
 @dataclass
@@ -148,6 +164,9 @@ class Trainer:
         self.grad_accum = gradient_accumulation(cfg, self.env.world_size)
         self.tokens_per_step = t.total_batch_tokens
         self.amp_dtype = autocast_dtype(t.precision, self.device)
+        self.fsdp = t.parallel == "fsdp"
+        if self.fsdp:
+            check_fsdp_supported(self.env.distributed, self.amp_dtype)
         if self.device.type == "cuda":
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
             torch.set_float32_matmul_precision("high")
@@ -195,6 +214,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
         self.peak = peak_flops(self.device, self.amp_dtype)
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if self.fsdp:  # in place, before the optimizer: AdamW is built over the sharded parameters
+            shard_model(self.model, self.device, self.amp_dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         # float16 gradients underflow without loss scaling; for bf16 and float32 the scaler does nothing.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype))
@@ -217,9 +240,14 @@ class Trainer:
 
     def components(self) -> dict[str, Stateful]:
         """The run's state, by component name (see gpt2lab.train.state); PER_RANK ones differ by rank."""
+        if self.fsdp:
+            model: Stateful = ShardedModelState(self.model)
+            optimizer: Stateful = ShardedOptimizerState(self.model, self.optimizer)
+        else:
+            model, optimizer = ModelState(self.model), OptimizerState(self.optimizer)
         return {
-            "model": ModelState(self.model),
-            "optimizer": OptimizerState(self.optimizer),
+            "model": model,
+            "optimizer": optimizer,
             "grad_scaler": self.scaler,
             "schedule": self.schedule,
             "counters": self.counters,
@@ -229,12 +257,13 @@ class Trainer:
 
     def _wrap(self) -> None:
         """`train_model`: the model as the steps call it, compiled and/or under DDP; `self.model`
-        stays the plain GPT (evaluation, sampling and checkpoints use it)."""
+        stays the plain GPT (evaluation, sampling and checkpoints use it). Under FSDP `self.model` is
+        already sharded in place (in `_build`) and the compiled graph runs its hooks."""
         t = self.cfg.train
         self.train_model: torch.nn.Module = self.model
         if t.compile:
             self.train_model = torch.compile(self.model, backend=compile_backend(t.compile_backend))
-        if self.env.distributed:
+        if self.env.distributed and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
 
@@ -254,6 +283,11 @@ class Trainer:
         # the RNG states belong to their ranks.
         states = {**saved, **(ranks[rank] if same_ranks else {"loader": ranks[0]["loader"]})}
         try:
+            if "sharded" in saved:  # DCP's shards, onto this run's ranks, sharded or not
+                ckpt.load_sharded_state(
+                    saved["sharded"], self.model, self.optimizer, saved["optimizer"].get("param_groups", [])
+                )
+                states = {k: v for k, v in states.items() if k not in ("model", "optimizer")}
             for name, component in self.components().items():
                 if states.get(name):  # absent or {}: e.g. no loss scaler was saved; the fresh one stays
                     component.load_state_dict(states[name])
@@ -366,7 +400,10 @@ class Trainer:
             x, y = self.loader.next_batch()  # (B, T) each
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == self.grad_accum - 1
-            # Gradients are all-reduced on the last micro-step only (torch DDP docs, no_sync).
+            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) on the last micro-step only
+            # (torch DDP docs, no_sync; FSDP2's set_requires_gradient_sync).
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
             sync = (
                 contextlib.nullcontext()
                 if last or not isinstance(self.train_model, DDP)
@@ -382,7 +419,7 @@ class Trainer:
         D.all_reduce_sum(packed)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the clipping
-        norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm_t = clip_gradients(list(self.model.parameters()), clip)  # the global norm, under FSDP too
         # The step's one read from the device: the update is skipped when the loss or the norm is not finite.
         loss_sum_all, stop_votes, norm = torch.stack([packed[0], packed[1], norm_t.float()]).tolist()
         loss_mean, stop = loss_sum_all / self.env.world_size, stop_votes > 0
@@ -446,7 +483,11 @@ class Trainer:
             seq_len=self.cfg.train.seq_len,
             batch_size=e.batch_size or self.cfg.train.batch_size,
         )
-        metrics = self.evaluator(self.model, ctx)
+        with gathered_for_eval(self.model):  # a sharded model: whole on every rank meanwhile
+            metrics = self.evaluator(self.model, ctx)
+            text = None
+            if self.env.is_main and e.sample_tokens:
+                text = sample_text(self.model, self.tokenizer, e.sample_prompt, e.sample_tokens, self.cfg.train.seed)
         if "val_loss" in metrics:
             self.last_val, self.val_step = metrics["val_loss"], self.counters.step
             self.counters.best_val_loss = min(self.counters.best_val_loss, metrics["val_loss"])
@@ -455,8 +496,7 @@ class Trainer:
         if metrics:
             self._log({"kind": "eval", "step": self.counters.step, "tokens": self.counters.tokens, **metrics})
             self._print(f"step {self.counters.step}: {describe(metrics)}")
-        if e.sample_tokens:
-            text = sample_text(self.model, self.tokenizer, e.sample_prompt, e.sample_tokens, self.cfg.train.seed)
+        if text is not None:
             self._log({"kind": "sample", "step": self.counters.step, "prompt": e.sample_prompt, "text": text})
             self._print(f"step {self.counters.step} sample: {e.sample_prompt}{text}")
 
@@ -465,20 +505,24 @@ class Trainer:
         ones gathered from every rank (rank 0 writes; every rank learns the outcome)."""
         components = self.components()
         ranks = D.gather_to_main({name: components[name].state_dict() for name in PER_RANK}, self.env)
+        step = self.counters.step
+        meta = {
+            "step": step,
+            "tokens": self.counters.tokens,
+            "train_loss": self.last_loss,
+            "val_loss": self.last_val if self.val_step == step else None,
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "grad_accum": self.grad_accum,
+            "parallel": self.cfg.train.parallel,
+        }
+        if self.fsdp:
+            self._save_sharded(components, ranks, meta)
+            return
         error = ""
         if self.env.is_main:
             states: dict[str, Any] = {n: comp.state_dict() for n, comp in components.items() if n not in PER_RANK}
             states["ranks"] = ranks
-            step = self.counters.step
-            meta = {
-                "step": step,
-                "tokens": self.counters.tokens,
-                "train_loss": self.last_loss,
-                "val_loss": self.last_val if self.val_step == step else None,
-                "config": self.cfg.to_dict(),
-                "world_size": self.env.world_size,
-                "grad_accum": self.grad_accum,
-            }
             try:
                 assert self.writer is not None
                 self.writer.sync()
@@ -491,6 +535,36 @@ class Trainer:
             except OSError as e:  # syncing metrics.jsonl or removing an old checkpoint
                 error = f"checkpoint bookkeeping in {self.run_dir} failed ({e}); newest checkpoint: {self.last_ckpt}"
         error = D.broadcast_from_main(error, self.env)  # the other ranks stop too instead of waiting
+        if error:
+            raise GPT2LabError(error)
+
+    def _save_sharded(self, components: dict[str, Stateful], ranks: list[Any] | None, meta: dict[str, Any]) -> None:
+        """The FSDP checkpoint: every rank writes its shards through DCP, rank 0 the rest (see
+        checkpoint.save_sharded_training_checkpoint); all ranks take part in each collective."""
+        model = components["model"]
+        assert isinstance(model, ShardedModelState)
+        # The tied lm_head is the embedding: stored once, as in model.safetensors.
+        weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        sharded = {"model": weights, "optimizer": components["optimizer"].state_dict()}
+        full = model.full_weights()  # rank 0: one float32 copy of the weights in host memory
+        states: dict[str, Any] | None = None
+        if self.env.is_main:
+            assert self.writer is not None
+            skip = ("model", "optimizer", *PER_RANK)
+            states = {n: comp.state_dict() for n, comp in components.items() if n not in skip}
+            states["optimizer"] = {"param_groups": optimizer_groups(self.optimizer)}
+            states["ranks"] = ranks
+            self.writer.sync()
+        self.last_ckpt = ckpt.save_sharded_training_checkpoint(
+            self.run_dir, self.counters.step, sharded, states, full, self.model.config, self.tokenizer, meta, self.env
+        )
+        error = ""
+        if self.env.is_main:
+            try:
+                ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+            except OSError as e:
+                error = f"checkpoint bookkeeping in {self.run_dir} failed ({e}); newest checkpoint: {self.last_ckpt}"
+        error = D.broadcast_from_main(error, self.env)
         if error:
             raise GPT2LabError(error)
 

@@ -117,6 +117,14 @@ class Schedule:
         self.step = step
 
 
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The parameter groups' hyper-parameters and parameter names, JSON-ready (no tensors)."""
+    return [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        for group in optimizer.param_groups
+    ]
+
+
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state of `optimizer` as (tensors by "<param name>.<key>", JSON-ready hyper-parameters).
 
@@ -124,9 +132,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
     checkpoint can be checked against the model it is loaded into.
     """
     tensors: dict[str, torch.Tensor] = {}
-    groups = []
+    groups = optimizer_groups(optimizer)
     for group in optimizer.param_groups:
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"})
         for name, p in zip(group["names"], group["params"]):
             for key, value in optimizer.state.get(p, {}).items():
                 if not isinstance(value, torch.Tensor):

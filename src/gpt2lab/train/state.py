@@ -14,6 +14,11 @@ Like torch's own state_dict()s, these hand out live tensors: save (or copy) them
 on. `rng` and `loader` are PER_RANK: every rank saves its own, gathered into the checkpoint's "ranks" list.
 How the dict is laid out in files is `gpt2lab.checkpoint`'s business (see save_training_checkpoint);
 what the trainer does with a checkpoint written by another number of ranks is `Trainer._restore`'s.
+
+Under FSDP (train.parallel = "fsdp") the model and optimizer are ShardedModelState and
+ShardedOptimizerState: their state_dict()s are torch.distributed.checkpoint.state_dict's, DTensors
+holding this rank's rows, which checkpoint.save_sharded_training_checkpoint hands to DCP; loading a
+whole-model state (a checkpoint written by one process or DDP) distributes it onto the shards.
 """
 
 from __future__ import annotations
@@ -54,20 +59,89 @@ class ModelState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         own = model_weights(self.model)
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise GPT2LabError(f"missing weight {missing[0]}")
-        unexpected = sorted(set(state) - set(own))
-        if unexpected:
-            raise GPT2LabError(f"unexpected weight {unexpected[0]}")
-        for name, param in own.items():
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise GPT2LabError(
-                    f"weight {name} has shape {list(state[name].shape)}, the model's is {list(param.shape)}"
-                )
+        check_weights(state, own)
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(state[name])
+
+
+class ShardedModelState:
+    """A sharded (FSDP2) model's weights: DCP's state dict of DTensors on save; a whole-model state
+    (ModelState's, from a DDP or one-process checkpoint) is cut into this rank's shards on load."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole weights on rank 0's CPU (the tied lm_head once), {} on the other ranks; every rank
+        must call it (each tensor is all-gathered in turn, so at most one whole tensor is on a device
+        at a time, and rank 0 holds one float32 copy of the model in host memory)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in full.items() if k != "lm_head.weight"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        with torch.device("meta"):
+            own = model_weights(GPT(self.model.config))
+        check_weights(state, own)
+        full = {**state, "lm_head.weight": state["transformer.wte.weight"]}
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+
+
+class ShardedOptimizerState:
+    """AdamW over sharded parameters: DCP's optimizer state ({"state": {fqn: {key: DTensor}}}) on save;
+    OptimizerState's whole-model tensors are cut into this rank's shards on load."""
+
+    def __init__(self, model: GPT, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"state": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        check_param_names(self.optimizer, state.get("param_groups", []))
+        per_param: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in state["tensors"].items():
+            param, _, key = name.rpartition(".")
+            per_param.setdefault(param, {})[key] = tensor
+        groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        full = {"state": per_param, "param_groups": groups}
+        set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def check_weights(state: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
+    """`state` names exactly the tensors of `own`, with their shapes; else GPT2LabError."""
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise GPT2LabError(f"missing weight {missing[0]}")
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise GPT2LabError(f"unexpected weight {unexpected[0]}")
+    for name, param in own.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise GPT2LabError(f"weight {name} has shape {list(state[name].shape)}, the model's is {list(param.shape)}")
+
+
+def check_param_names(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> None:
+    """The saved parameter groups name this optimizer's parameters, in order; else GPT2LabError."""
+    if [g.get("names") for g in saved_groups] != [g["names"] for g in optimizer.param_groups]:
+        raise GPT2LabError("optimizer state names other parameters than this model's; it belongs to another model")
 
 
 class OptimizerState:
