@@ -10,7 +10,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # oneDNN and MKL stop at AVX2, and gpt2lab's bf16 probe says no (README, "Tests").
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 GPT2LAB_CPU_BF16=0
 
-.PHONY: setup demo test test-avx2 lint bench clean
+.PHONY: setup chromium demo test test-avx2 lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,15 +28,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@
 
+# The playground's browser test drives Debian's chromium (tests/test_serve_playground.py). As root with
+# apt-get, install it where it is missing; elsewhere say that the test will skip.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the playground's browser test"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "no chromium, and no apt-get as root to install it: the playground's browser test will skip"; \
+	fi
+
 # Waiting OpenMP threads sleep instead of spinning: on a machine where other processes hold a core,
 # spinning threads make every op wait for it (docs/performance.md). An OMP_WAIT_POLICY already set wins.
 demo: setup
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m gpt2lab.demo
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q
 
-test-avx2: setup
+test-avx2: setup chromium
 	$(AVX2_ENV) $(BIN)/python -m pytest -q
 
 lint: setup

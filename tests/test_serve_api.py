@@ -77,8 +77,7 @@ def test_seeded_sampling_is_what_sample_prints_alone_and_under_load(server, ckpt
     assert res.out == "ROMEO:" + alone + "\n"
     # The same request again while seven others decode beside it, joining and leaving at other steps.
     others = [
-        {"model": "tiny", "prompt": p, "max_tokens": 5 + 7 * i, "temperature": 1.0}
-        for i, p in enumerate(PROMPTS[1:])
+        {"model": "tiny", "prompt": p, "max_tokens": 5 + 7 * i, "temperature": 1.0} for i, p in enumerate(PROMPTS[1:])
     ]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(complete, url, b) for b in others[:4]]
@@ -248,7 +247,11 @@ BAD = [
     ({"prompt": "x " * 70, "max_tokens": 1}, 400, "prompt", "maximum context length is 64 tokens"),
     ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens", "max_tokens must be between 1 and 64 on this "
      "server, got 65"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "between 1 and 64"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens 0 is only allowed with echo: true (to score "
+     "the prompt with logprobs)"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "max_tokens must be between 1 and 64 on this server, "
+     "got -1"),
+    ({"prompt": "x", "max_tokens": -1, "echo": True}, 400, "max_tokens", "max_tokens must be between 0 and 64"),
     ({"prompt": "x", "temperature": -0.5}, 400, "temperature", "temperature must be between 0 and 2, got -0.5"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "top_p must be in (0, 1], got 0.0"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1], got 1.5"),

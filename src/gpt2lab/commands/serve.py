@@ -71,6 +71,10 @@ def _check(args: argparse.Namespace) -> None:
         raise GPT2LabError(f"--max-tokens must be at least 1, got {args.max_tokens}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     try:
@@ -101,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"gpt2lab serve: listening on http://{shown}:{port} (playground at /, API at /v1)", flush=True)
     # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does: uvicorn finishes its open responses,
-    # then raises the signal again, which lands here as a clean exit.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # then raises the signal again, which lands here as a KeyboardInterrupt: a clean exit.
+    signal.signal(signal.SIGTERM, _interrupt)
     engine.start()
     try:
         serve_forever(app, sock)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
@@ -100,8 +100,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
-        def emit(ev: Event) -> None:  # on the engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        emit = _emitter(loop, queue)
 
         groups = [
             Group(
@@ -122,9 +121,8 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
             engine.submit(groups)
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="server_busy") from None
-        tok = models[p.model][0]
         choices = [
-            Choice(i, p.prompt_texts[i // p.n] if p.echo else "", p.logprobs is not None, tok)
+            Choice(i, p.prompt_texts[i // p.n] if p.echo else "", p.logprobs is not None)
             for i in range(len(p.prompts) * p.n)
         ]
         if p.stream:
@@ -136,6 +134,23 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         return await _collect(engine, groups, p, choices, queue, request)
 
     return app
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    """The engine's callback for one request: it hands each event to the request's handler on `loop`.
+    Once the loop has closed (the server is shutting down) nobody is listening: the event is dropped
+    and the error tells the engine to drop the request, instead of ending the engine thread."""
+
+    def emit(ev: Event) -> None:  # on the engine thread
+        if loop.is_closed():
+            raise ClientGone("the server's event loop has closed")
+        loop.call_soon_threadsafe(queue.put_nowait, ev)  # a loop closing meanwhile raises RuntimeError: alike
+
+    return emit
+
+
+class ClientGone(RuntimeError):
+    """The request's handler is gone: its event loop has closed."""
 
 
 async def _collect(
@@ -182,7 +197,8 @@ async def _stream(
                 if p.echo:
                     part["text"] = p.prompt_texts[ev.choice // p.n] + part["text"]
             done += ev.finish_reason is not None
-            yield _sse(envelope(p, [part]))
+            if part["text"] or part["finish_reason"] or (part["logprobs"] and part["logprobs"]["tokens"]):
+                yield _sse(envelope(p, [part]))  # not the steps whose text is all held back
         else:
             if p.include_usage:
                 yield _sse({**envelope(p, []), "usage": usage(p, choices)})

@@ -10,11 +10,18 @@ Each choice draws from its own `torch.Generator`, seeded from the request (or at
 same `sample_next` that `gpt2lab sample` uses; what other requests do never touches its random stream.
 
 Results go back as `Event`s through a callback that the HTTP layer hands over with each group; it is
-called on the engine thread and must not block.
+called on the engine thread and must not block. If it raises (its client's event loop has closed, at
+shutdown), the engine drops that group and keeps serving the others.
+
+Text and logprobs agree: a token is reported (in `logprobs`) with the event that releases the first
+character of its text, so tokens whose text is held back (it may still become a stop string) wait with
+it, and tokens cut off with a stop string, or `<|endoftext|>` itself, are never reported, as their
+text never is. Each token's `offset` is where its text starts in the choice's text.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import secrets
 import threading
@@ -23,10 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import SamplingParams, TextStreamer, sample_next
+from ..generate import SamplingParams, sample_next
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from .batch import SlotPool, decode_step, prefill, prompt_logprobs
+from .text import StopMatcher, TokenText, token_text
 
 
 class QueueFull(Exception):
@@ -35,18 +43,21 @@ class QueueFull(Exception):
 
 @dataclass
 class TokenInfo:
-    """One token as the `logprobs` field reports it: its text, its log-probability and the top N."""
+    """One token as the `logprobs` field reports it: its text, its log-probability, the top N, and where
+    its text starts (characters from the start of the completion, or of the prompt for echoed tokens)."""
 
     token: int
     text: str
     logprob: float | None
     top: list[tuple[str, float]] | None
+    offset: int = 0
 
 
 @dataclass
 class Event:
     """What one choice produced since its last event: text released to the client (possibly empty),
-    the tokens behind it, and on the last event the finish reason ("stop" or "length") or an error."""
+    the tokens behind it, and on the last event the finish reason ("stop" or "length") or an error.
+    The first event of a choice that echoes its prompt with logprobs carries the prompt's tokens in `echo`."""
 
     choice: int
     text: str = ""
@@ -54,6 +65,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     completion_tokens: int = 0
+    echo: list[TokenInfo] = field(default_factory=list)
 
 
 @dataclass
@@ -64,54 +76,13 @@ class Group:
     prompt: list[int]
     n: int
     first_choice: int
-    max_tokens: int
+    max_tokens: int  # 0: only score the prompt (echo with logprobs), no slot needed
     sampling: SamplingParams  # seed is the first choice's; choice j draws from seed + j
     stop: list[str]
     logprobs: int | None  # top-N alternatives to report per token; None = no logprobs
     echo_logprobs: bool  # also report the prompt tokens' log-probabilities
     emit: Callable[[Event], None]
     cancelled: bool = False
-
-
-class StopMatcher:
-    """Holds back text that could still become a stop string, and finds the first one that completes."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add text; returns (text safe to release, whether a stop string was found)."""
-        self.pending += piece
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0  # the longest tail of the pending text that begins some stop string
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token's text; bytes that are not whole UTF-8 characters are written `bytes:\\xNN` as OpenAI does."""
-    raw = tokenizer.decode_bytes([token])
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 @dataclass
@@ -122,9 +93,11 @@ class _Running:
     pos: int  # positions of the slot already filled
     last: int  # the token to feed next
     generator: torch.Generator
-    streamer: TextStreamer
+    text: TokenText
     matcher: StopMatcher
     generated: int = 0
+    released: int = 0  # characters of text sent to the client
+    held: list[TokenInfo] = field(default_factory=list)  # tokens whose text is not sent yet
 
 
 class ModelRunner:
@@ -158,7 +131,7 @@ class ModelRunner:
         spent = 0
         while True:
             with lock:
-                if not self.waiting or len(self.free) < self.waiting[0].n:
+                if not self.waiting or len(self.free) < self._slots_needed(self.waiting[0]):
                     return
                 group = self.waiting[0]
                 if spent and spent + len(group.prompt) > prefill_budget:
@@ -180,12 +153,33 @@ class ModelRunner:
 
     # -- sequences -----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _slots_needed(group: Group) -> int:
+        return group.n if group.max_tokens > 0 else 0
+
     def _start(self, group: Group) -> None:
-        slots = [self.free.pop() for _ in range(group.n)]
+        """Prefill the group's prompt and choose each choice's first token. If that fails, the group's
+        slots go back to the pool and its choices end with an error; the other sequences carry on."""
+        slots = [self.free.pop() for _ in range(self._slots_needed(group))]
+        try:
+            self._start_in(group, slots)
+        except Exception as e:  # a bug or out of memory in this prompt: fail it alone
+            self.running = [r for r in self.running if r.group is not group]
+            self.free.extend(s for s in slots if s not in self.free)
+            message = f"internal error while prefilling the prompt: {type(e).__name__}: {e}"
+            for j in range(group.n):
+                self._emit(group, Event(group.first_choice + j, error=message))
+            group.cancelled = True
+
+    def _start_in(self, group: Group, slots: list[int]) -> None:
+        echo = self._prompt_info(group) if group.echo_logprobs else []
+        if group.max_tokens == 0:  # prompt scoring: the echoed prompt is the whole answer
+            for j in range(group.n):
+                self._emit(group, Event(group.first_choice + j, finish_reason="length", echo=echo))
+            return
         logits = prefill(self.model, self.pool, slots[0], group.prompt)  # (1, V)
         for s in slots[1:]:
             self.pool.copy(slots[0], s, len(group.prompt))
-        prompt_info = self._prompt_info(group) if group.echo_logprobs else []
         base_seed = group.sampling.seed if group.sampling.seed is not None else secrets.randbits(62)
         for j, slot in enumerate(slots):
             gen = torch.Generator(device=self.model.device)
@@ -197,62 +191,85 @@ class ModelRunner:
                 pos=len(group.prompt),
                 last=-1,
                 generator=gen,
-                streamer=TextStreamer(self.tokenizer),
+                text=TokenText(self.tokenizer),
                 matcher=StopMatcher(group.stop),
             )
             self.running.append(r)
-            self._advance(r, logits, prompt_info)
+            self._advance(r, logits, echo)
 
     def _prompt_info(self, group: Group) -> list[TokenInfo]:
-        """The prompt's tokens for `echo` with `logprobs`: the first has no log-probability (OpenAI: null)."""
-        infos = [TokenInfo(group.prompt[0], token_text(self.tokenizer, group.prompt[0]), None, None)]
+        """The prompt's tokens for `echo` with `logprobs`: the first has no log-probability (OpenAI: null);
+        offsets count from the start of the prompt's text."""
+        text = TokenText(self.tokenizer)
+        offsets = [text.push(t)[1] for t in group.prompt]
+        tok = self.tokenizer
+        infos = [TokenInfo(group.prompt[0], token_text(tok, group.prompt[0]), None, None, offsets[0])]
         if len(group.prompt) > 1:
             chosen, top_lp, top_ids = prompt_logprobs(self.model, group.prompt, group.logprobs or 0)
-            for t, lp, values, ids in zip(group.prompt[1:], chosen.tolist(), top_lp.tolist(), top_ids.tolist()):
-                top = [(token_text(self.tokenizer, i), v) for v, i in zip(values, ids)] if group.logprobs else None
-                infos.append(TokenInfo(t, token_text(self.tokenizer, t), lp, top))
+            rows = zip(group.prompt[1:], offsets[1:], chosen.tolist(), top_lp.tolist(), top_ids.tolist())
+            for t, offset, lp, values, ids in rows:
+                top = [(token_text(tok, i), v) for v, i in zip(values, ids)] if group.logprobs else None
+                infos.append(TokenInfo(t, token_text(tok, t), lp, top, offset))
         return infos
 
-    def _advance(self, r: _Running, logits: torch.Tensor, before: Sequence[TokenInfo] = ()) -> None:
+    def _advance(self, r: _Running, logits: torch.Tensor, echo: Sequence[TokenInfo] = ()) -> None:
         """Choose the next token of `r` from its (1, V) logits and report it; end `r` when it is done."""
         g = r.group
         token = int(sample_next(logits, g.sampling, r.generator)[0])
         r.generated += 1
         r.last = token
-        infos = list(before)
-        if g.logprobs is not None:
-            infos.append(self._token_info(logits[0], token, g.logprobs))
-        finish = None
-        if token == self.tokenizer.eot_token:
-            text, finish = r.streamer.flush(), "stop"
-            text = r.matcher.feed(text)[0] + r.matcher.flush()
+        eot = token == self.tokenizer.eot_token
+        if eot:  # the end of the document: like a stop string, in neither the text nor the logprobs
+            piece = r.text.flush()
         else:
-            text, hit = r.matcher.feed(r.streamer.push(token))
-            if hit:
-                finish = "stop"
-            elif r.generated >= g.max_tokens:
-                text += r.matcher.feed(r.streamer.flush())[0] + r.matcher.flush()
-                finish = "length"
-        g.emit(Event(r.choice, text, infos, finish, completion_tokens=r.generated))
+            piece, start = r.text.push(token)
+            if g.logprobs is not None:
+                r.held.append(self._token_info(logits[0], token, g.logprobs, start))
+        text, hit = r.matcher.feed(piece)
+        finish = "stop" if hit else None
+        if finish is None and (eot or r.generated >= g.max_tokens):
+            tail, hit = r.matcher.feed("" if eot else r.text.flush())
+            text += tail if hit else tail + r.matcher.flush()
+            finish = "stop" if eot or hit else "length"
+        r.released += len(text)
+        # Report the tokens whose text has begun to go out; at a stop string the rest are dropped with
+        # their text, at the end of the choice every token left goes out with the last of the text.
+        if finish is not None and not hit:
+            keep = len(r.held)
+        else:
+            keep = bisect.bisect_left([t.offset for t in r.held], r.released)
+        tokens, r.held = r.held[:keep], ([] if finish else r.held[keep:])
+        self._emit(g, Event(r.choice, text, tokens, finish, completion_tokens=r.generated, echo=list(echo)))
         if finish is not None:
             self._release(r)
 
-    def _token_info(self, logits: torch.Tensor, token: int, top_n: int) -> TokenInfo:
+    def _token_info(self, logits: torch.Tensor, token: int, top_n: int, offset: int) -> TokenInfo:
         # The model's own distribution (temperature 1, nothing filtered), as OpenAI's logprobs are.
         logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
         top = None
         if top_n > 0:
             values, ids = torch.topk(logp, top_n)
             top = [(token_text(self.tokenizer, int(i)), float(v)) for v, i in zip(values, ids)]
-        return TokenInfo(token, token_text(self.tokenizer, token), float(logp[token]), top)
+        return TokenInfo(token, token_text(self.tokenizer, token), float(logp[token]), top, offset)
 
     def _release(self, r: _Running) -> None:
         self.running.remove(r)
         self.free.append(r.slot)
 
+    @staticmethod
+    def _emit(group: Group, event: Event) -> None:
+        """Hand an event to the group's client. A callback that raises (its event loop closed at
+        shutdown) must not end the engine thread: the group is dropped before the next step instead."""
+        if group.cancelled:
+            return
+        try:
+            group.emit(event)
+        except Exception:
+            group.cancelled = True
+
     def fail_all(self, message: str) -> None:
         for r in list(self.running):
-            r.group.emit(Event(r.choice, error=message))
+            self._emit(r.group, Event(r.choice, error=message))
             self._release(r)
 
 
@@ -278,6 +295,10 @@ class Engine:
 
     def submit(self, groups: Sequence[Group]) -> None:
         """Queue a request's groups together, or raise QueueFull (and queue none of them)."""
+        for g in groups:
+            runner = self.runners[g.model]
+            if ModelRunner._slots_needed(g) > runner.max_batch:  # it could never be admitted
+                raise ValueError(f"n={g.n} is more than the {runner.max_batch} sequences {g.model!r} decodes at once")
         with self._cond:
             waiting = self.waiting_count()
             if waiting + len(groups) > self.max_queue:

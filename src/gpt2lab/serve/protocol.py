@@ -4,11 +4,23 @@ GPT-2 is a base model, so the API is the (legacy) completions one, `POST /v1/com
 defaults (`max_tokens` 16, `temperature` 1, `n` 1) and the error shape follow OpenAI's API reference;
 `top_k` is an extension. Every bad request raises `APIError`, which the app turns into
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+
+Where this server chooses:
+- A prompt string is text: a literal "<|endoftext|>" in it is those 13 characters, encoded as
+  `gpt2lab sample --prompt` encodes it (tokenizer.py: data never injects a document separator). To
+  start a new document, send token id 50256 or leave the prompt out (or empty), as `sample` does.
+- A prompt plus `max_tokens` longer than the model's context is refused (`context_length_exceeded`),
+  as OpenAI does; the window does not slide as it does in `gpt2lab sample`.
+- `max_tokens: 0` is allowed with `echo: true` only: it scores the prompt (with `logprobs`), as OpenAI's
+  legacy completions did; `finish_reason` is "length" and no token is generated.
+- `logprobs.text_offset[i]` is where token i's text starts, in characters from the start of the
+  returned `text`, echoed prompt included (OpenAI's legacy semantics), in streamed chunks as well.
+  The lists hold the tokens whose text is in `text`: after a stop string, the tokens cut off with it
+  are left out (the one the cut falls in stays), and `<|endoftext|>` is never listed.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import time
 import uuid
@@ -62,7 +74,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    prompt: Any = "<|endoftext|>"
+    prompt: Any = None  # None: a new document, OpenAI's default "<|endoftext|>" as the separator token
     max_tokens: StrictInt | None = 16
     temperature: StrictFloat | StrictInt | None = 1.0
     top_p: StrictFloat | StrictInt | None = 1.0
@@ -127,6 +139,8 @@ def _prompts(prompt: Any, tok: Tokenizer) -> tuple[list[list[int]], list[str]]:
     def ids_ok(ids: Any) -> bool:
         return isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
 
+    if prompt is None:
+        prompt = ""
     if isinstance(prompt, str):
         texts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -142,9 +156,10 @@ def _prompts(prompt: Any, tok: Tokenizer) -> tuple[list[list[int]], list[str]]:
             "(none of them empty)",
             "prompt",
         )
-    # The empty prompt starts a new document, as `gpt2lab sample` does without --prompt.
-    ids = [tok.encode(t, allowed_special={"<|endoftext|>"}) or [tok.eot_token] for t in texts]
-    return ids, texts
+    # Encoded as `gpt2lab sample` encodes --prompt: special-token text is ordinary text, and the empty
+    # prompt starts a new document, whose one token echoes as "<|endoftext|>".
+    ids = [tok.encode(t) or [tok.eot_token] for t in texts]
+    return ids, [t if t else tok.decode(i) for t, i in zip(texts, ids)]
 
 
 def _checked_ids(prompts: list[list[int]], tok: Tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -171,8 +186,15 @@ def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limit
         raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", "prompt")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     cap = min(context, limits.max_tokens or context)
-    if not 1 <= max_tokens <= cap:
-        raise APIError(400, f"max_tokens must be between 1 and {cap} on this server, got {max_tokens}", "max_tokens")
+    if max_tokens == 0 and not req.echo:
+        raise APIError(
+            400, "max_tokens 0 is only allowed with echo: true (to score the prompt with logprobs)", "max_tokens"
+        )
+    lowest = 0 if req.echo else 1
+    if not lowest <= max_tokens <= cap:
+        raise APIError(
+            400, f"max_tokens must be between {lowest} and {cap} on this server, got {max_tokens}", "max_tokens"
+        )
     longest = max(len(p) for p in prompts)
     if longest + max_tokens > context:
         # OpenAI refuses rather than cropping; `gpt2lab sample` slides its window instead.
@@ -238,34 +260,29 @@ def _unsupported(req: CompletionRequest) -> None:
 class Choice:
     """One choice of a response as events arrive: its text and, when asked for, its logprobs."""
 
-    def __init__(self, index: int, echo_text: str, with_logprobs: bool, tokenizer: Tokenizer) -> None:
+    def __init__(self, index: int, echo_text: str, with_logprobs: bool) -> None:
         self.index = index
         self.text = echo_text
+        self.base = len(echo_text)  # completion offsets count from the start of the echoed prompt
         self.finish_reason: str | None = None
         self.with_logprobs = with_logprobs
-        self.tokenizer = tokenizer
         self.tokens: list[TokenInfo] = []
         self.offsets: list[int] = []
         self.completion_tokens = 0
-        # text_offset counts characters; a character split over tokens starts where its first byte is.
-        self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._cursor = 0
 
     def add(self, ev: Event) -> dict[str, Any]:
         """Take an event; returns its part of a streamed chunk: {index, text, logprobs, finish_reason}."""
         self.text += ev.text
         self.finish_reason = ev.finish_reason or self.finish_reason
         self.completion_tokens = max(self.completion_tokens, ev.completion_tokens)
-        offsets = []
-        for info in ev.tokens:
-            offsets.append(self._cursor)
-            self._cursor += len(self._chars.decode(self.tokenizer.decode_bytes([info.token])))
-        self.tokens.extend(ev.tokens)
+        tokens = [*ev.echo, *ev.tokens]
+        offsets = [t.offset for t in ev.echo] + [self.base + t.offset for t in ev.tokens]
+        self.tokens.extend(tokens)
         self.offsets.extend(offsets)
         return {
             "index": self.index,
             "text": ev.text,
-            "logprobs": logprobs_json(ev.tokens, offsets) if self.with_logprobs else None,
+            "logprobs": logprobs_json(tokens, offsets) if self.with_logprobs else None,
             "finish_reason": ev.finish_reason,
         }
 

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import GPT2LabError
-from ..model import GPT
-from ..tokenizer import Tokenizer
 from .engine import Engine, ModelRunner
 
 if TYPE_CHECKING:  # FastAPI and uvicorn are the `serve` extra: imported where used
@@ -59,10 +57,6 @@ def load_runners(
         model, tok = load_model_and_tokenizer(where, device=device, dtype=dtype, tokenizer=tokenizer)
         runners.append(ModelRunner(name, model, tok, max_batch))
     return runners
-
-
-def runner_from_model(name: str, model: GPT, tokenizer: Tokenizer, max_batch: int) -> ModelRunner:
-    return ModelRunner(name, model, tokenizer, max_batch)
 
 
 def is_loopback(host: str) -> bool:
