@@ -23,7 +23,7 @@ from gpt2lab.data import outdir, read_manifest, shards
 from gpt2lab.data import prepare as prepare_module
 from gpt2lab.data.prepare import PrepareOptions, prepare
 from gpt2lab.data.sources import CORPUS_PRESETS, bundled_text
-from gpt2lab.data.text import DocumentPieces, safe_cut
+from gpt2lab.data.text import HARD_PIECE_CHARS, DocumentPieces, safe_cut
 from gpt2lab.errors import GPT2LabError
 
 
@@ -77,15 +77,43 @@ def test_shakespeare_token_count_is_tiktoken_plus_one_eot(tmp_path, tok, shakesp
 
 
 def test_safe_cuts_never_change_tokens(tok):
-    text = "Hello  world!\n\n  It's 2024...\tOK?  \r\n" * 50 + "x" * 300 + " tail   "
-    whole = tok.encode_ordinary(text)
-    for limit in (1, 7, 40, 333):
-        doc = DocumentPieces(limit)
-        pieces = [p for p, _ in [*doc.add(text), *doc.end()]]
-        assert "".join(pieces) == text and len(pieces) > 1
-        assert [t for p in pieces for t in tok.encode_ordinary(p)] == whole
+    base = "Hello  world!\n\n  It's 2024...\tOK?  \r\n" * 50
+    # Limits where every run of text has a safe cut within two pieces' length (no hard cut).
+    for text, limits in ((base + " tail   ", (7, 40)), (base + "x" * 300 + " tail   ", (160, 333))):
+        whole = tok.encode_ordinary(text)
+        for limit in limits:
+            doc = DocumentPieces(limit)
+            pieces = [p for p, _ in [*doc.add(text), *doc.end()]]
+            assert "".join(pieces) == text and len(pieces) > 1
+            assert [t for p in pieces for t in tok.encode_ordinary(p)] == whole
     assert safe_cut("aaaa", 2) is None
     assert safe_cut("ab cd ef", 4) == 2 and safe_cut("abcdef gh", 3) == 6
+    assert safe_cut("ab cd ef", 4, start=3) == 5 and safe_cut("abcdefgh ij", 2, end=5) is None
+
+
+def test_text_without_whitespace_is_cut_at_max_chars_on_character_boundaries(tok):
+    """No safe cut within 2 * max_chars: cut at max_chars exactly, between whole characters, the same
+    places whatever the blocks the text arrives in; only tokens at the cuts can change."""
+    text = "€a😀" * 700 + " end"  # 2,104 characters, 6,304 UTF-8 bytes, no whitespace until the end
+    # 19 hard cuts, then the safe cut before " end" (within 2 * max_chars of the last one).
+    expected = [text[i : i + 100] for i in range(0, 1900, 100)] + [text[1900:2100], " end"]
+    for blocks in (len(text), 1, 37, 999):
+        doc = DocumentPieces(100)
+        pieces = [p for i in range(0, len(text), blocks) for p, _ in doc.add(text[i : i + blocks])]
+        pieces += [p for p, _ in doc.end()]
+        assert pieces == expected, blocks
+    assert b"".join(p.encode() for p in pieces) == text.encode()
+    assert [p for p, _ in DocumentPieces(100).whole(text)] == expected
+    tokens = [t for p in pieces for t in tok.encode_ordinary(p)]
+    assert tok.decode(tokens) == text  # nothing lost or changed in the text
+    assert abs(len(tokens) - len(tok.encode_ordinary(text))) <= 2 * (len(pieces) - 1)
+    # A document of one character: pieces of max_chars, the last one the rest (at most max_chars);
+    # pieces cut without a safe cut are at most HARD_PIECE_CHARS long.
+    assert [len(p) for p, _ in DocumentPieces(100).whole("a" * 1050)] == [100] * 10 + [50]
+    n = 3 * (1 << 20) + 5
+    lengths = [len(p) for p, _ in DocumentPieces(1 << 20).whole("a" * n)]
+    k = -(-(n - (1 << 20)) // HARD_PIECE_CHARS)
+    assert lengths == [HARD_PIECE_CHARS] * k + [n - k * HARD_PIECE_CHARS]
 
 
 def test_directory_of_text_files(tmp_path, tok):

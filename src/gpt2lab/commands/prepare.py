@@ -9,7 +9,9 @@ SOURCE is one of:
   a preset                    tinyshakespeare, fineweb-edu-10B, openwebtext
 
 Every document is preceded by <|endoftext|>. The first --val-tokens tokens are the val split, the rest
-train. Re-running the same command after an interruption finishes the job, skipping finished shards.
+train. Re-running the same command after an interruption finishes the job, skipping finished shards;
+a Hugging Face dataset resumes from its recorded stream position (at most one source shard is read
+again).
 
 Examples:
   gpt2lab prepare tinyshakespeare --out data/shakespeare

@@ -48,12 +48,27 @@ class Task:
     pieces: list[tuple[str, bool]]
     progress: int  # source progress units (bytes, documents) the task covers
     documents: int
+    # The source's stream position (Source.position()) before the task's first piece and after its last
+    # one; None where the source keeps none.
+    start: dict[str, Any] | None = None
+    end: dict[str, Any] | None = None
 
 
-def make_tasks(pieces: Iterable[Piece], task_chars: int) -> Iterator[Task]:
-    """Group pieces into tasks of about `task_chars` characters, at places fixed by the piece stream."""
+def make_tasks(
+    pieces: Iterable[Piece],
+    task_chars: int,
+    position: Callable[[], dict[str, Any] | None] = lambda: None,
+    first_index: int = 0,
+) -> Iterator[Task]:
+    """Group pieces into tasks of about `task_chars` characters, at places fixed by the piece stream.
+
+    `position()` is asked for the source's position between pieces, when a task is complete. Nothing
+    carries over from one task to the next, so a piece stream restarted at task k's first piece (a
+    source seeked to `task.start`) with `first_index=k` gives task k and the ones after unchanged.
+    """
     batch: list[tuple[str, bool]] = []
-    chars = progress = documents = index = 0
+    chars = progress = documents = 0
+    index, start = first_index, position()
     for text, starts, advance in pieces:
         progress += advance
         if text or starts:
@@ -61,10 +76,11 @@ def make_tasks(pieces: Iterable[Piece], task_chars: int) -> Iterator[Task]:
             chars += len(text)
             documents += starts
         if chars >= task_chars:
-            yield Task(index, batch, progress, documents)
-            batch, chars, progress, documents, index = [], 0, 0, 0, index + 1
+            end = position()
+            yield Task(index, batch, progress, documents, start, end)
+            batch, chars, progress, documents, index, start = [], 0, 0, 0, index + 1, end
     if batch or progress:
-        yield Task(index, batch, progress, documents)
+        yield Task(index, batch, progress, documents, start, position())
 
 
 _worker_encoding: Any = None

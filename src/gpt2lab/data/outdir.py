@@ -1,9 +1,11 @@
 """`gpt2lab prepare`'s output directory: chunk files, the progress record, and whose directory it is.
 
 While a run is in progress the directory holds `prepare-progress.json`: the run's identity (source,
-tokenizer, settings, fingerprint) and every completed chunk with the task a re-run resumes from. Each
-chunk file and each update of the record is written atomically, so after a kill at any instant the
-record lists only complete files. `manifest.json` replaces the record when the run completes.
+tokenizer, settings, fingerprint) and every completed chunk with where a re-run resumes: the task
+(and its first token's stream position), the documents before it, and, for a source that keeps one,
+the source's stream position at that task's first piece. Each chunk file and each update of the
+record is written atomically, so after a kill at any instant the record lists only complete files.
+`manifest.json` replaces the record when the run completes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import errno
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from ..errors import GPT2LabError
 from ..fileio import atomic_write_json
 from ..tokenizer import Tokenizer
 from . import shards as fmt
+from .encode import Task
 
 PROGRESS_NAME = "prepare-progress.json"
 LOCK_NAME = ".prepare.lock"
@@ -43,6 +47,32 @@ def chunk_split(index: int, shard_tokens: int, val_tokens: int | None) -> str:
     return "train" if lo >= val_tokens else "pending"
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a re-run starts after a chunk: task `task` (-1: none, the stream is done), whose first
+    token is at stream position `task_start`, after `documents` documents; `position` is the source's
+    stream position at that task's first piece (Source.position()), or None."""
+
+    task: int
+    task_start: int
+    documents: int
+    position: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "resume_task": self.task,
+            "resume_task_start": self.task_start,
+            "resume_documents": self.documents,
+        }
+        if self.position is not None:
+            try:  # a stream state is the dataset library's; keep it only if it is JSON
+                json.dumps(self.position)
+                out["resume_position"] = self.position
+            except (TypeError, ValueError):
+                pass
+        return out
+
+
 class ChunkWriter:
     """Cuts the token stream into chunks of `shard_tokens` at fixed stream positions, writes each as a
     shard, and records it in the progress file with where a re-run must start tokenizing."""
@@ -54,8 +84,9 @@ class ChunkWriter:
         self.pos = self.index * shard_tokens  # stream position of the next token to write
         self.writer: fmt.ShardWriter | None = None
 
-    def feed(self, tokens: np.ndarray, task: int, task_start: int) -> None:
-        """Append task `task`'s tokens (uint16, shape (n,)), which start at stream position `task_start`."""
+    def feed(self, tokens: np.ndarray, task: Task, task_start: int, documents: int) -> None:
+        """Append `task`'s tokens (uint16, shape (n,)), which start at stream position `task_start`, after
+        `documents` documents."""
         off = self.pos - task_start  # > 0 only for the first task after a resume
         while off < len(tokens):
             if self.writer is None:
@@ -67,24 +98,25 @@ class ChunkWriter:
             self.pos += take
             if self.writer.tokens == self.size:
                 # The next chunk starts inside this task, or at the next one.
-                resume = (task + 1, task_start + len(tokens)) if off == len(tokens) else (task, task_start)
+                if off == len(tokens):
+                    resume = Resume(task.index + 1, task_start + len(tokens), documents + task.documents, task.end)
+                else:
+                    resume = Resume(task.index, task_start, documents, task.start)
                 self._close(resume)
                 atomic_write_json(self.out / PROGRESS_NAME, self.progress)
 
-    def _close(self, resume: tuple[int, int]) -> None:
+    def _close(self, resume: Resume) -> None:
         assert self.writer is not None
         info = self.writer.close()
         self.writer = None
-        self.progress["chunks"].append(
-            {"index": self.index, "shard": info.to_json(), "resume_task": resume[0], "resume_task_start": resume[1]}
-        )
+        self.progress["chunks"].append({"index": self.index, "shard": info.to_json(), **resume.to_json()})
         self.index += 1
 
     def finish(self, end: dict[str, Any]) -> None:
         """The stream has ended: record the last, partial chunk together with the totals, in one write
         (a last chunk recorded without them would leave a re-run nowhere to resume from)."""
         if self.writer is not None:
-            self._close((-1, self.pos))
+            self._close(Resume(-1, self.pos, end["documents"], None))
         self.progress["end"] = end
         atomic_write_json(self.out / PROGRESS_NAME, self.progress)
 

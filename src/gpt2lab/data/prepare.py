@@ -8,8 +8,12 @@ straddles the boundary is written whole under a `_pending_` name and split in tw
 (docs/formats.md has the naming and the default `val_tokens`).
 
 Resume: each completed chunk is recorded (outdir.py) with the task where the next chunk starts
-(encode.py), so a re-run reads the source again but tokenizes only from that task on, and writes
-byte-identical files. `manifest.json` is written last.
+(encode.py) and, where the source keeps one (a Hugging Face dataset: its own `state_dict()`), the
+source's stream position at that task. A re-run restores the stream there and reads nothing before
+it but the rest of one source shard (`datasets` restarts a shard's reading at its start and skips
+to the example). A source without positions is read again from the start, tokenizing only from that
+task on. Either way the files are byte-identical to an uninterrupted run's. `manifest.json` is
+written last.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,10 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 # With --val-tokens left at auto, val is min(shard_tokens, total // AUTO_VAL_DIVISOR) tokens: one shard
 # for a large corpus (like llm.c's fineweb_val_000000.bin), 10% for a small one.
 AUTO_VAL_DIVISOR = 10
+# How documents are cut into pieces (text.DocumentPieces), which fixes the task numbers a progress
+# record resumes from. 2: cuts inside runs with no whitespace (issue 11). A record made with another
+# rule is started again rather than resumed.
+PIECES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -120,11 +129,18 @@ def _check(options: PrepareOptions, tok: Tokenizer) -> None:
         raise GPT2LabError(f"tokenizer {tok.name!r} has {tok.n_vocab} tokens; uint16 shards hold at most 65536")
 
 
-def prepare(options: PrepareOptions, tokenizer: Tokenizer | None = None) -> PrepareResult:
+def _print_note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def prepare(
+    options: PrepareOptions, tokenizer: Tokenizer | None = None, note: Callable[[str], None] = _print_note
+) -> PrepareResult:
     """Tokenize `options.source` into shards and a manifest in `options.out` (see the module docstring).
 
     Re-running with the same options finishes an interrupted run or, if the directory is complete,
-    checks it and does nothing. Raises GPT2LabError for bad input.
+    checks it and does nothing. `note(line)` is told how a resume proceeds where it must read the
+    source again from the start. Raises GPT2LabError for bad input.
     """
     started = time.perf_counter()
     tok = tokenizer or get_tokenizer(options.tokenizer)
@@ -160,7 +176,7 @@ def prepare(options: PrepareOptions, tokenizer: Tokenizer | None = None) -> Prep
     out.mkdir(parents=True, exist_ok=True)
     try:
         with outdir.locked(out):
-            result = _run(source, options, tok, out, identity, fingerprint)
+            result = _run(source, options, tok, out, identity, fingerprint, note)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -171,7 +187,13 @@ def prepare(options: PrepareOptions, tokenizer: Tokenizer | None = None) -> Prep
 
 
 def _run(
-    source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, identity: dict, fingerprint: str
+    source: Source,
+    options: PrepareOptions,
+    tok: Tokenizer,
+    out: Path,
+    identity: dict,
+    fingerprint: str,
+    note: Callable[[str], None],
 ) -> PrepareResult:
     outdir.remove_files([p for p in out.glob(".*.tmp-*") if p.is_file()])  # left by a killed run
     action, record = outdir.claim(out, fingerprint, identity, tok, options.overwrite)
@@ -185,6 +207,11 @@ def _run(
             )
             outdir.remove_files([out / outdir.PROGRESS_NAME])
         return PrepareResult(out, record, up_to_date=True)
+    if action == "resume" and record is not None and record.get("pieces") != PIECES_VERSION and record["end"] is None:
+        if record.get("chunks"):
+            note("the interrupted run was made by an older gpt2lab, which cuts documents differently: starting again")
+            outdir.remove_files([out / c["shard"]["file"] for c in record["chunks"]])
+        action = "fresh"
     if action == "resume":
         assert record is not None
         progress = record
@@ -193,7 +220,7 @@ def _run(
         if len(progress["chunks"]) < len(recorded):  # a damaged file: rebuild from there
             progress["end"] = None
     else:
-        progress = {"fingerprint": fingerprint, **identity, "chunks": [], "end": None}
+        progress = {"fingerprint": fingerprint, **identity, "pieces": PIECES_VERSION, "chunks": [], "end": None}
         atomic_write_json(out / outdir.PROGRESS_NAME, progress)
     # The directory carries the tokenizer it is made with; data_tokenizer() reads it back.
     tok_dir = out / fmt.TOKENIZER_SUBDIR
@@ -204,24 +231,44 @@ def _run(
     resumed = len(progress["chunks"])
     tokenized = 0
     if progress["end"] is None:
-        tokenized = _stream(source, options, tok, out, progress)
+        tokenized = _stream(source, options, tok, out, progress, note)
     manifest = _finalize(out, options, progress)
     return PrepareResult(out, manifest, resumed_chunks=resumed, tokenized=tokenized)
 
 
-def _stream(source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, progress: dict) -> int:
+def _resume_point(source: Source, progress: dict, note: Callable[[str], None]) -> tuple[int, int, int, bool]:
+    """(first task, its stream position, documents before it, whether the source was seeked there)."""
+    if not progress["chunks"]:
+        return 0, 0, 0, False
+    last = progress["chunks"][-1]
+    first_task, task_start = last["resume_task"], last["resume_task_start"]
+    position, why = last.get("resume_position"), source.position_unsupported()
+    if why is None:
+        if position is None:
+            why = "the interrupted run recorded no stream position"
+        else:
+            try:
+                source.seek(position)
+                return first_task, task_start, last["resume_documents"], True
+            except ValueError as e:  # e.g. another version of the dataset library wrote it
+                why = f"cannot restore the recorded stream position ({e})"
+    if why:
+        note(f"{why}: reading the source again from its start to the resume point (without tokenizing it)")
+    return first_task, task_start, 0, False
+
+
+def _stream(
+    source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, progress: dict, note: Callable[[str], None]
+) -> int:
     """Tokenize from the resume point to the end of the source into chunks; returns tokens made."""
     from tqdm.auto import tqdm
 
     chunks = outdir.ChunkWriter(
         out, progress["settings"]["shard_prefix"], options.shard_tokens, options.val_tokens, progress
     )
-    first_task, task_start = 0, 0
-    if progress["chunks"]:
-        last = progress["chunks"][-1]
-        first_task, task_start = last["resume_task"], last["resume_task_start"]
+    first_task, task_start, documents, seeked = _resume_point(source, progress, note)
     tic = time.perf_counter()
-    made = documents = 0
+    made = 0
     bar: Any = None
 
     def show(task: Task) -> None:
@@ -237,6 +284,7 @@ def _stream(source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, 
                 file=sys.stderr,
                 mininterval=0.5,
                 dynamic_ncols=True,
+                initial=source.progress_done,
             )
         documents += task.documents
         bar.update(task.progress)
@@ -244,11 +292,12 @@ def _stream(source: Source, options: PrepareOptions, tok: Tokenizer, out: Path, 
         bar.set_postfix_str(f"{documents:,} docs, {task_start:,} tokens, {rate:,.0f} tok/s", refresh=False)
 
     workers = options.workers or default_workers()
-    tasks = make_tasks(source.pieces(), options.piece_chars)
+    # A seeked source starts at the first task's first piece; otherwise tasks before it are skipped.
+    tasks = make_tasks(source.pieces(), options.piece_chars, source.position, first_task if seeked else 0)
     stream = tokenize_tasks(tasks, tok.encoding, tok.eot_token, workers, first_task, skipped=show)
     try:
         for task, tokens in stream:
-            chunks.feed(tokens, task.index, task_start)
+            chunks.feed(tokens, task, task_start, documents)
             task_start += len(tokens)
             made += len(tokens)
             show(task)

@@ -124,6 +124,7 @@ class Source(abc.ABC):
         self.piece_chars = piece_chars
         self.stats = SourceStats()
         self.progress_total: int | None = None
+        self.progress_done = 0  # progress before the start, after a seek()
         self.preset: CorpusPreset | None = None
 
     @abc.abstractmethod
@@ -141,6 +142,23 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def pieces(self) -> Iterator[Piece]:
         """The corpus as pieces, in order; counts empty documents and replaced bytes into `stats`."""
+
+    # Stream positions, for resuming without reading again what is done (`gpt2lab prepare`). A source
+    # that can restore one overrides these three; the others are re-read from the start on resume.
+
+    def position_unsupported(self) -> str | None:
+        """None if `position()` and `seek()` work here; else why not, in words (for a note), or "" when
+        re-reading from the start is cheap and not worth a note (local files)."""
+        return ""
+
+    def position(self) -> dict[str, Any] | None:
+        """Where the stream stands between two pieces: a JSON object that `seek()` takes to make
+        `pieces()` continue with the piece after the last one yielded (stats included)."""
+        return None
+
+    def seek(self, position: dict[str, Any]) -> None:
+        """Make the next `pieces()` start at `position` (from `position()` of an earlier run)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore a stream position")
 
 
 def _kind_of(path: Path) -> str:
@@ -439,6 +457,9 @@ class HFSource(Source):
         super().__init__(dataset, shard_prefix, piece_chars)
         self.dataset, self.config, self.split, self.text_field = dataset, config, split, text_field
         self._ds: Any = None
+        self._datasets_version = ""
+        self._start: dict[str, Any] | None = None  # where pieces() starts (seek)
+        self._position: dict[str, Any] | None = None  # after the last piece yielded
 
     def _where(self) -> str:
         config = f", config {self.config!r}" if self.config else ""
@@ -451,6 +472,7 @@ class HFSource(Source):
             raise GPT2LabError(
                 "reading a Hugging Face dataset needs the 'datasets' package: pip install 'gpt2lab[data]'"
             ) from None
+        self._datasets_version = datasets.__version__
         try:
             self._ds = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
         except Exception as e:  # datasets raises many types (network, not found, bad config); all are the user's
@@ -478,16 +500,72 @@ class HFSource(Source):
     def signature(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
 
+    def position_unsupported(self) -> str | None:
+        if not (hasattr(self._ds, "state_dict") and hasattr(self._ds, "load_state_dict")):
+            return (
+                f"datasets {self._datasets_version} cannot save a streaming dataset's position "
+                "(IterableDataset.state_dict needs datasets >= 2.18)"
+            )
+        return None
+
+    def position(self) -> dict[str, Any] | None:
+        return self._position
+
+    def seek(self, position: dict[str, Any]) -> None:
+        """Continue after `position`: the dataset's own stream state (`IterableDataset.state_dict()`,
+        which `datasets` restores at its source shard and example offset) after `examples` examples,
+        and how many pieces of the next example were already handed out."""
+        if position.get("datasets") != self._datasets_version:
+            raise ValueError(
+                f"the position was saved by datasets {position.get('datasets')}, this is {self._datasets_version}"
+            )
+        self._start = position
+        self.progress_done = position["examples"]
+
+    def _mark(self, state: Any, examples: int, skip: int, empty: int) -> None:
+        self._position = {
+            "datasets": self._datasets_version,
+            "state": state,
+            "examples": examples,
+            "skip_pieces": skip,
+            "empty_documents": empty,
+        }
+
     def pieces(self) -> Iterator[Piece]:
         doc = DocumentPieces(self.piece_chars)
-        n = 0
+        ds, start = self._ds, self._start
+        tracked = self.position_unsupported() is None
+        n, skip, before = 0, 0, None  # examples read; pieces of the next one to skip; state after n
+        if start is not None:
+            n, skip, before = start["examples"], start["skip_pieces"], start["state"]
+            doc.empty_documents = start["empty_documents"]
+            if before is not None:
+                ds.load_state_dict(before)
+        if tracked:
+            self._mark(before, n, skip, doc.empty_documents)
+        before_examples = n
         try:
-            for n, example in enumerate(self._ds, 1):
+            for n, example in enumerate(ds, start=before_examples + 1):
+                # The stream state after this example (a small dict, copied): where a resume restarts.
+                after = ds.state_dict() if tracked else None
                 text = _field(example, self.text_field, f"{self._where()}, example {n}")
-                for text_piece, starts in doc.whole(text):
-                    yield text_piece, starts, int(starts)
-                if not text:
+                handed = 0  # pieces of this example yielded, the skipped ones included
+                last: tuple[str, bool] | None = None
+                for piece in doc.whole(text):
+                    if last is not None:
+                        handed += 1
+                        if handed > skip:
+                            if tracked:
+                                self._mark(before, n - 1, handed, doc.empty_documents)
+                            yield last[0], last[1], int(last[1])
+                    last = piece
+                if tracked:  # the position after this example's last piece is the next example
+                    self._mark(after, n, 0, doc.empty_documents)
+                if last is not None and handed + 1 > skip:
+                    yield last[0], last[1], int(last[1])
+                elif not text:
                     yield "", False, 1
+                skip, before = 0, after
         except GPT2LabError:
             raise
         except Exception as e:  # a network failure mid-stream: the run can be resumed
