@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -410,9 +411,13 @@ def load_sharded_state(
     # lm_head.weight is the tied embedding (the same tensor): stored and read once.
     weights = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
     target = {"model": weights, "optimizer": {"state": optim_sd["state"]}}
+    no_dist = not torch.distributed.is_initialized()
     try:
-        # no_dist: one process reads the whole tensors (DCP would warn that it assumes so).
-        dcp.load(target, checkpoint_id=folder / SHARDED_SUBDIR, no_dist=not torch.distributed.is_initialized())
+        with warnings.catch_warnings():
+            if no_dist:  # one process reads the whole tensors: what we ask for, yet dcp.load warns that it
+                # "assumes" it even when told so with no_dist=True (torch 2.13, state_dict_loader.load)
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(target, checkpoint_id=folder / SHARDED_SUBDIR, no_dist=no_dist)
     except Exception as e:  # a missing key or another shape: DCP's CheckpointException names it
         raise GPT2LabError(f"cannot load the sharded state in {folder / SHARDED_SUBDIR}: {e}") from None
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)

@@ -258,7 +258,9 @@ class Trainer:
     def _wrap(self) -> None:
         """`train_model`: the model as the steps call it, compiled and/or under DDP; `self.model`
         stays the plain GPT (evaluation, sampling and checkpoints use it). Under FSDP `self.model` is
-        already sharded in place (in `_build`) and the compiled graph runs its hooks."""
+        already sharded in place (in `_build`); FSDP2's hooks are closed to Dynamo, so the root's
+        forward runs eagerly and each block's forward, between its all-gather and reshard, is compiled
+        (tests/test_train_fsdp.py checks the losses and that graphs were made)."""
         t = self.cfg.train
         self.train_model: torch.nn.Module = self.model
         if t.compile:
