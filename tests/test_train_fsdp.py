@@ -284,3 +284,20 @@ def test_bad_parallel_settings_are_clear_errors(corpus, tmp_path):
         tiny_config(corpus, tmp_path / "r", train={"parallel": "zero"})
     with pytest.raises(GPT2LabError, match="train.parallel 'fsdp' shards the model .* not started by torchrun"):
         train(tiny_config(corpus, tmp_path / "r", train={"parallel": "fsdp"}), progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_twenty_fsdp_steps_equal_ddp_and_one_process(corpus, tmp_path):
+    # Issue 13's bar: 2-rank FSDP == 2-rank DDP == 1 process accumulating 2 micro-steps, within 1e-5 for 20 steps.
+    runs = {}
+    for name, keys in (("fsdp", {"parallel": "fsdp"}), ("ddp", {})):
+        out = tmp_path / name
+        (tmp_path / f"{name}.toml").write_text(to_toml(tiny_config(corpus, out, train={"max_steps": 20, **keys})))
+        torchrun("-m", "gpt2lab", "train", tmp_path / f"{name}.toml", "--no-progress")
+        runs[name] = train_losses(out)
+    one = tmp_path / "one"
+    train(tiny_config(corpus, one, train={"max_steps": 20}), progress=False)
+    assert len(runs["fsdp"]) == 20
+    assert_close_losses(runs["fsdp"], train_losses(one))
+    assert_close_losses(runs["ddp"], train_losses(one))
