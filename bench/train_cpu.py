@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per block")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--precision", default="fp32", help="auto | bf16 | fp32 (default: fp32)")
+    ap.add_argument("--profile", action="store_true", help="then where gpt2lab's step spends its time (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,6 +250,34 @@ def main() -> None:
             f"ratio gpt2lab / {peer}: {wall[peer] / wall['gpt2lab']:.2f}x tokens/s (wall), "
             f"{cpu[peer] / cpu['gpt2lab']:.2f}x (CPU time)"
         )
+    if args.profile:
+        profile_step(run_block, "gpt2lab")
+
+
+PHASES = (
+    # (phase, ops whose self time counts for it), by the op names torch.profiler reports
+    ("matmuls (the output layer's, and the blocks')", ("aten::mm", "aten::addmm_", "aten::addmm")),
+    ("elementwise: exp, sums, copies, fills", ("aten::exp_", "aten::sum", "aten::copy_", "aten::fill_")),
+    ("attention (forward and backward)", ("aten::_scaled_dot_product_flash_attention_for_cpu",)),
+    ("optimizer (fused AdamW)", ("aten::_fused_adamw_",)),
+)
+
+
+def profile_step(run_block, name: str) -> None:
+    """torch.profiler over a block of gpt2lab's steps: the ops with the most self time, and a rough split
+    by kind of work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_block(name)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile of {name}'s steps (self CPU time, all threads):")
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]:
+        print(f"  {e.key[:48]:48} {e.self_cpu_time_total / total:6.1%}  {e.count:5d} calls")
+    for phase, ops in PHASES:
+        part = sum(e.self_cpu_time_total for e in events if any(e.key.startswith(o) for o in ops))
+        print(f"  {phase:48} {part / total:6.1%}")
 
 
 if __name__ == "__main__":
