@@ -73,29 +73,34 @@ def _cfg():
     return load_train_config(demo.find_config(), [])
 
 
-def test_a_short_budget_trains_fewer_steps_fitted_to_it():
+def test_a_short_budget_trains_a_short_run_fitted_to_it():
     cfg = _cfg()  # 1200 steps of 1024 tokens, warm-up 100, lr 2e-3 -> 2e-4
-    # 300 s, 35 s spent (preparation and timing), 25 s in reserve: 240 s at 0.3 s a step is 800 steps
-    plan = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=35.0)
-    assert plan.short and plan.steps == 800 and plan.tokens_per_step == 1024
+    first = demo.fit_to_budget(cfg, step_time=0.5, budget=300.0, spent=30.0)  # 1200 x 0.5 s > 250 s left
+    assert first.short
+    short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
+    # 300 s, 40 s spent (preparation and both timings), 20 s in reserve: 240 s at 0.3 s a step is 800 steps
+    plan = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=40.0, short=short)
+    assert plan.short and plan.steps == 800 and plan.tokens_per_step == 512
     assert plan.warmup_steps == round(100 * 800 / 1200) == 67
     assert plan.overrides() == [
+        "train.batch_size=4",
+        "train.total_batch_tokens=512",
         "train.max_steps=800",
         "optim.warmup_steps=67",
         "eval.every=400",
         "checkpoint.every=400",
     ]
     text = plan.explain(cfg)
-    assert "the config's 1200 steps do not fit in the 4.0 min left after 25 s kept" in text
-    assert "800 steps (4.0 min), warm-up 67 steps, learning rate 0.002 decaying to 0.0002 at step 800" in text
-    assert "ms per step of 1024 tokens on this CPU" in text and "bf16 instructions" in text
-    odd = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=34.6)  # 801 steps: evaluate at 401 and 801
-    assert odd.steps == 801 and "eval.every=401" in odd.overrides()
+    assert "the config's 1200 steps do not fit in the 4.0 min left after 20 s kept" in text
+    assert "800 steps (4.0 min) of 512 tokens, warm-up 67 steps, learning rate 0.002 decaying to 0.0002" in text
+    assert "ms per step of 512 tokens on this CPU" in text and "bf16 instructions" in text
+    # A short run never has more tokens than the config's run.
+    assert demo.fit_to_budget(cfg, step_time=0.01, budget=300.0, spent=40.0, short=short).steps == 2400
 
 
 def test_a_fast_machine_keeps_the_configs_run():
     cfg = _cfg()
-    plan = demo.fit_to_budget(cfg, step_time=0.2, budget=300.0, spent=10.0)  # 1200 x 0.2 s = 240 s < 265 s
+    plan = demo.fit_to_budget(cfg, step_time=0.2, budget=300.0, spent=10.0)  # 1200 x 0.2 s = 240 s < 270 s
     assert not plan.short and plan.steps == 1200 and plan.warmup_steps == 100
     expected = ["train.max_steps=1200", "optim.warmup_steps=100", "eval.every=600", "checkpoint.every=600"]
     assert plan.overrides() == expected
@@ -103,9 +108,11 @@ def test_a_fast_machine_keeps_the_configs_run():
 
 
 def test_too_small_a_budget_still_trains_the_minimum_and_says_so(capsys):
-    plan = demo.fit_to_budget(_cfg(), step_time=1.0, budget=60.0, spent=30.0)  # 5 s left: 5 steps
+    cfg = _cfg()
+    short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
+    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=60.0, spent=30.0, short=short)  # 10 s left: 10 steps
     assert plan.steps == demo.MIN_STEPS
-    assert "only 5 steps fit in 1 min on this machine; training 50" in capsys.readouterr().out
+    assert "only 10 steps fit in 1 min on this machine; training 50" in capsys.readouterr().out
 
 
 def test_the_demo_times_its_steps_and_prints_its_plan(tmp_path, capsys):
@@ -119,16 +126,16 @@ def test_the_demo_times_its_steps_and_prints_its_plan(tmp_path, capsys):
     assert not list(out.parent.glob(".demo-timing-*"))  # the timing run leaves nothing behind
 
 
-def test_a_budget_too_short_for_the_config_trains_fewer_steps(tmp_path, capsys):
-    # 400 steps do not fit in 3 seconds: the minimum of 50, with a note
+def test_a_budget_too_short_for_the_config_trains_a_short_run(tmp_path, capsys):
+    # 400 steps of 64 tokens do not fit in 3 seconds: a short run of 512-token steps, the same tokens at most
     trim = [a for a in TRIM if a not in ("--steps", "2")] + ["--set", "train.max_steps=400"]
     out = tmp_path / "runs" / "demo"
     assert demo.main(["--out", str(out), "--data-root", str(tmp_path / "data"), "--minutes", "0.05", *trim]) == 0
     text = capsys.readouterr().out
-    assert "plan: the config's 400 steps do not fit" in text and "a shorter run instead: 50 steps" in text
+    assert "plan: the config's 400 steps do not fit" in text and "a short run instead: 50 steps" in text
     assert "note: only 0 steps fit in 0.05 min on this machine; training 50" in text
     cfg = load_train_config(out / "config.toml", [])
-    assert (cfg.train.max_steps, cfg.optim.warmup_steps, cfg.eval.every) == (50, 12, 25)
+    assert (cfg.train.batch_size, cfg.train.total_batch_tokens, cfg.train.max_steps) == (4, 512, 50)
 
 
 @pytest.mark.parametrize(

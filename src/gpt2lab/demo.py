@@ -14,9 +14,10 @@ Fitting the run to the budget: a step costs what this CPU makes of it (float32 o
 three times slower than bf16 on one with AVX-512 and bf16 instructions), so the demo times a few steps
 first (CALIBRATION_STEPS), then fixes the number of steps and the schedule so that the whole demo ends
 within --minutes, and prints what it chose and why. Where the config's 1200 steps fit, it trains them as
-they are. Where they don't, it trains as many as fit, with the same peak learning rate and the warm-up
-the same share of the run (a higher peak, a shorter warm-up and smaller steps each did worse in the
-same time: docs/performance.md, "Fitting the demo to 5 minutes").
+they are. Where they don't, it trains a short run: half the config's tokens per step (SHORT_RUN), as many
+steps as fit, the same peak learning rate, the warm-up the same share of the run. For the same tokens,
+more and smaller steps reached a lower val loss (5.22 against 5.35 at 461K tokens), and higher peak
+learning rates a higher one (docs/performance.md, "The demo").
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ CONFIG_NAME = "shakespeare-cpu.toml"
 DEFAULT_MINUTES = 5.0
 CALIBRATION_STEPS = 8  # the first 3 warm up (allocations, oneDNN's kernel choice) and are not counted
 CALIBRATION_WARMUP = 3
-# What the demo needs beyond its steps: the evaluations, the checkpoint, the samples, the plot, and the
-# interpreter's start before the clock starts (about 15 s in all on a 2-core CPU; more, so that a slower
-# machine still ends within its budget).
-RESERVE_SECONDS = 25.0
+# What a run needs beyond its steps: the evaluations, the checkpoint, the samples, the plot (measured at
+# about 10 s on a 2-core CPU; twice that, so that a slower machine still ends within its budget).
+RESERVE_SECONDS = 20.0
 MIN_STEPS = 50
+# A short run's steps: 4 x 128 tokens instead of the config's 8 x 128 (docs/performance.md, "The demo").
+SHORT_RUN = ("train.batch_size=4", "train.total_batch_tokens=512")
 PROMPTS = {"tinyshakespeare": ["ROMEO:", "JULIET:\nO"], "pydoc-topics": ["The with statement", "A class"]}
 
 
@@ -124,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     cfg = load_train_config(find_config(), overrides)
     if args.steps is None:
-        plan = plan_run(cfg, args.minutes * 60, t_start, out.parent)
+        plan = plan_run(cfg, overrides, args.minutes * 60, t_start, out.parent)
         print(plan.explain(cfg) + "\n")
         cfg = load_train_config(find_config(), overrides + plan.overrides())
     if out.exists():
@@ -191,11 +193,12 @@ class Plan:
     steps: int
     warmup_steps: int
     tokens_per_step: int
-    short: bool  # the config's steps did not fit: fewer of them
+    short: bool  # the config's steps did not fit: a short run (SHORT_RUN)
 
     def overrides(self) -> list[str]:
-        every = max(1, (self.steps + 1) // 2)  # two evaluations: one mid-way for the plot, and the last
+        every = max(1, self.steps // 2)  # two evaluations: a point mid-way on the plot, and the last
         return [
+            *(SHORT_RUN if self.short else ()),
             f"train.max_steps={self.steps}",
             f"optim.warmup_steps={self.warmup_steps}",
             f"eval.every={every}",
@@ -227,8 +230,9 @@ class Plan:
         if self.short:
             lines.append(
                 f"plan: the config's {cfg.train.max_steps} steps do not fit in the {left / 60:.1f} min left after "
-                f"{RESERVE_SECONDS:.0f} s kept for evaluation, samples and the plot; a shorter run instead: "
-                f"{self.steps} steps ({minutes:.1f} min), {schedule} at step {self.steps}"
+                f"{RESERVE_SECONDS:.0f} s kept for evaluation, samples and the plot; a short run instead: "
+                f"{self.steps} steps ({minutes:.1f} min) of {self.tokens_per_step} tokens, {schedule} at step "
+                f"{self.steps}"
             )
         else:
             lines.append(
@@ -260,29 +264,41 @@ def time_steps(cfg: TrainConfig, scratch_parent: Path) -> float:
     return timed[len(timed) // 2]
 
 
-def plan_run(cfg: TrainConfig, budget: float, t_start: float, scratch: Path) -> Plan:
-    """Time the config's steps on this machine and fit the run to what is left of the budget."""
+def plan_run(cfg: TrainConfig, overrides: list[str], budget: float, t_start: float, scratch: Path) -> Plan:
+    """Time the config's steps; if they don't all fit in the budget, time a short run's and fit that."""
     step_time = time_steps(cfg, scratch)
-    return fit_to_budget(cfg, step_time, budget, time.perf_counter() - t_start)
+    plan = fit_to_budget(cfg, step_time, budget, time.perf_counter() - t_start)
+    if not plan.short:
+        return plan
+    short = load_train_config(find_config(), [*overrides, *SHORT_RUN])
+    step_time = time_steps(short, scratch)
+    return fit_to_budget(cfg, step_time, budget, time.perf_counter() - t_start, short=short)
 
 
-def fit_to_budget(cfg: TrainConfig, step_time: float, budget: float, spent: float) -> Plan:
-    """The plan for `budget` seconds, `spent` of them gone, at `step_time` seconds per step: the config's
-    run if all its steps fit; else as many as fit (at least MIN_STEPS, with a note that it will take
-    longer), the warm-up the config's share of them."""
+def fit_to_budget(
+    cfg: TrainConfig, step_time: float, budget: float, spent: float, short: TrainConfig | None = None
+) -> Plan:
+    """The plan for `budget` seconds, `spent` of them gone, at `step_time` seconds per step.
+
+    Without `short`: the config's run if all its steps fit, else a Plan marked short (to be timed with
+    SHORT_RUN's steps). With `short` (the config with SHORT_RUN applied, whose steps took `step_time`):
+    as many of its steps as fit, at least MIN_STEPS (and a note that it will take longer), with the
+    config's warm-up share.
+    """
     left = budget - spent - RESERVE_SECONDS
     fit = int(left / step_time) if left > 0 else 0
     o, t = cfg.optim, cfg.train
-    if fit >= t.max_steps:
-        return Plan(step_time, budget, spent, t.max_steps, o.warmup_steps, t.total_batch_tokens, False)
-    steps = min(max(MIN_STEPS, fit), t.max_steps)
+    if short is None:
+        return Plan(step_time, budget, spent, t.max_steps, o.warmup_steps, t.total_batch_tokens, fit < t.max_steps)
+    same_tokens = t.max_steps * t.total_batch_tokens // short.train.total_batch_tokens
+    steps = min(max(MIN_STEPS, fit), same_tokens)
     if steps > fit:
         print(
             f"note: only {fit} steps fit in {budget / 60:g} min on this machine; training {steps}, "
             "which will take longer (raise --minutes)"
         )
     warmup = max(1, round(o.warmup_steps * steps / t.max_steps))
-    return Plan(step_time, budget, spent, steps, warmup, t.total_batch_tokens, True)
+    return Plan(step_time, budget, spent, steps, warmup, short.train.total_batch_tokens, True)
 
 
 if __name__ == "__main__":
