@@ -75,11 +75,11 @@ def _cfg():
 
 def test_a_short_budget_trains_a_short_run_fitted_to_it():
     cfg = _cfg()  # 1200 steps of 1024 tokens, warm-up 100, lr 2e-3 -> 2e-4
-    first = demo.fit_to_budget(cfg, step_time=0.5, budget=300.0, spent=30.0)  # 1200 x 0.5 s > 250 s left
+    first = demo.fit_to_budget(cfg, step_time=0.5, budget=300.0, spent=30.0)  # 1200 x 0.5 s > 235 s left
     assert first.short
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
-    # 300 s, 40 s spent (preparation and both timings), 20 s in reserve: 240 s at 0.3 s a step is 800 steps
-    plan = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=40.0, short=short)
+    # 300 s, 25 s spent (preparation and both timings), 35 s in reserve: 240 s at 0.3 s a step is 800 steps
+    plan = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=25.0, short=short)
     assert plan.short and plan.steps == 800 and plan.tokens_per_step == 512
     assert plan.warmup_steps == round(100 * 800 / 1200) == 67
     assert plan.overrides() == [
@@ -91,7 +91,7 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
         "checkpoint.every=400",
     ]
     text = plan.explain(cfg)
-    assert "the config's 1200 steps do not fit in the 4.0 min left after 20 s kept" in text
+    assert "the config's 1200 steps do not fit in the 4.0 min left after 35 s kept" in text
     assert "800 steps (4.0 min) of 512 tokens, warm-up 67 steps, learning rate 0.002 decaying to 0.0002" in text
     assert "ms per step of 512 tokens on this CPU" in text and "bf16 instructions" in text
     # A short run never has more tokens than the config's run.
@@ -100,7 +100,7 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
 
 def test_a_fast_machine_keeps_the_configs_run():
     cfg = _cfg()
-    plan = demo.fit_to_budget(cfg, step_time=0.2, budget=300.0, spent=10.0)  # 1200 x 0.2 s = 240 s < 270 s
+    plan = demo.fit_to_budget(cfg, step_time=0.2, budget=300.0, spent=10.0)  # 1200 x 0.2 s = 240 s < 255 s
     assert not plan.short and plan.steps == 1200 and plan.warmup_steps == 100
     expected = ["train.max_steps=1200", "optim.warmup_steps=100", "eval.every=600", "checkpoint.every=600"]
     assert plan.overrides() == expected
@@ -110,9 +110,9 @@ def test_a_fast_machine_keeps_the_configs_run():
 def test_too_small_a_budget_still_trains_the_minimum_and_says_so(capsys):
     cfg = _cfg()
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
-    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=60.0, spent=30.0, short=short)  # 10 s left: 10 steps
+    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=90.0, spent=30.0, short=short)  # 25 s left: 25 steps
     assert plan.steps == demo.MIN_STEPS
-    assert "only 10 steps fit in 1 min on this machine; training 50" in capsys.readouterr().out
+    assert "only 25 steps fit in 1.5 min on this machine; training 50" in capsys.readouterr().out
 
 
 def test_the_demo_times_its_steps_and_prints_its_plan(tmp_path, capsys):
