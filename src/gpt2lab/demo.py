@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "shakespeare-cpu.toml"
 DEFAULT_MINUTES = 5.0
-CALIBRATION_STEPS = 8  # the first 3 warm up (allocations, oneDNN's kernel choice) and are not counted
-CALIBRATION_WARMUP = 3
+CALIBRATION_STEPS = 16  # the first 4 warm up (allocations, oneDNN's kernel choice) and are not counted;
+# the median of the other 12 (a single step on a shared 2-core VM varied from 0.26 to 0.44 s)
+CALIBRATION_WARMUP = 4
 # What the demo needs beyond its steps: two evaluations and checkpoints, the samples, the plot, and the
 # interpreter's start before the clock starts (25-30 s in all in float32 on a 2-core AVX2 CPU).
 RESERVE_SECONDS = 35.0
