@@ -78,21 +78,21 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
     first = demo.fit_to_budget(cfg, step_time=0.5, budget=300.0, spent=30.0)  # 1200 x 0.5 s > 235 s left
     assert first.short
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
-    # 300 s, 25 s spent (preparation and both timings), 35 s in reserve: 240 s at 0.3 s a step is 800 steps
+    # 300 s, 25 s spent (preparation and both timings), 35 s in reserve: 90% of 240 s at 0.3 s a step is 720 steps
     plan = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=25.0, short=short)
-    assert plan.short and plan.steps == 800 and plan.tokens_per_step == 512
-    assert plan.warmup_steps == round(100 * 800 / 1200) == 67
+    assert plan.short and plan.steps == 720 and plan.tokens_per_step == 512
+    assert plan.warmup_steps == round(100 * 720 / 1200) == 60
     assert plan.overrides() == [
         "train.batch_size=4",
         "train.total_batch_tokens=512",
-        "train.max_steps=800",
-        "optim.warmup_steps=67",
-        "eval.every=400",
-        "checkpoint.every=400",
+        "train.max_steps=720",
+        "optim.warmup_steps=60",
+        "eval.every=360",
+        "checkpoint.every=360",
     ]
     text = plan.explain(cfg)
     assert "the config's 1200 steps do not fit in the 4.0 min left after 35 s kept" in text
-    assert "800 steps (4.0 min) of 512 tokens, warm-up 67 steps, learning rate 0.002 decaying to 0.0002" in text
+    assert "720 steps (3.6 min) of 512 tokens, warm-up 60 steps, learning rate 0.002 decaying to 0.0002" in text
     assert "ms per step of 512 tokens on this CPU" in text and "bf16 instructions" in text
     # A short run never has more tokens than the config's run.
     assert demo.fit_to_budget(cfg, step_time=0.01, budget=300.0, spent=40.0, short=short).steps == 2400
@@ -100,19 +100,19 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
 
 def test_a_fast_machine_keeps_the_configs_run():
     cfg = _cfg()
-    plan = demo.fit_to_budget(cfg, step_time=0.2, budget=300.0, spent=10.0)  # 1200 x 0.2 s = 240 s < 255 s
+    plan = demo.fit_to_budget(cfg, step_time=0.18, budget=300.0, spent=10.0)  # 1200 x 0.18 s < 90% of 255 s
     assert not plan.short and plan.steps == 1200 and plan.warmup_steps == 100
     expected = ["train.max_steps=1200", "optim.warmup_steps=100", "eval.every=600", "checkpoint.every=600"]
     assert plan.overrides() == expected
-    assert "the config's 1200 steps (4.0 min) fit" in plan.explain(cfg)
+    assert "the config's 1200 steps (3.6 min) fit" in plan.explain(cfg)
 
 
 def test_too_small_a_budget_still_trains_the_minimum_and_says_so(capsys):
     cfg = _cfg()
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
-    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=90.0, spent=30.0, short=short)  # 25 s left: 25 steps
+    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=90.0, spent=30.0, short=short)  # 90% of 25 s left: 22 steps
     assert plan.steps == demo.MIN_STEPS
-    assert "only 25 steps fit in 1.5 min on this machine; training 50" in capsys.readouterr().out
+    assert "only 22 steps fit in 1.5 min on this machine; training 50" in capsys.readouterr().out
 
 
 def test_the_demo_times_its_steps_and_prints_its_plan(tmp_path, capsys):
