@@ -158,7 +158,7 @@ class Source(abc.ABC):
 
     def seek(self, position: dict[str, Any]) -> None:
         """Make the next `pieces()` start at `position` (from `position()` of an earlier run)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot restore a stream position")
+        raise GPT2LabError(f"{type(self).__name__} cannot restore a stream position: it is read from the start")
 
 
 def _kind_of(path: Path) -> str:
