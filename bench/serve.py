@@ -28,22 +28,12 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
+from machine import cpu_features, cpu_name  # bench/machine.py, beside this script
 
 CLIENTS = 8
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stream(
@@ -92,16 +82,13 @@ def main() -> None:
 
     from gpt2lab.config import GPTConfig
     from gpt2lab.model import GPT
-    from gpt2lab.runtime import cpu_has_fast_bf16
     from gpt2lab.serve.app import create_app
     from gpt2lab.serve.engine import Engine, ModelRunner
     from gpt2lab.serve.protocol import Limits
     from gpt2lab.serve.server import background_server
     from gpt2lab.tokenizer import get_tokenizer
 
-    bf16 = "yes" if cpu_has_fast_bf16() else "no"
-    isa = torch.backends.cpu.get_cpu_capability()
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, kernels {isa}, bf16 instructions {bf16}")
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {cpu_features()}")
     print(f"torch {torch.__version__}, Python {platform.python_version()}")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2")).eval()  # random weights: no download

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,26 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from machine import cpu_features, cpu_name  # bench/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_features() -> str:
-    """What decides the speed of float32 and bf16 matmuls: the vector ISA torch dispatches to, bf16."""
-    from gpt2lab.runtime import cpu_has_fast_bf16
-
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"kernels {isa}, bf16 instructions {'yes' if cpu_has_fast_bf16() else 'no'}"
 
 
 def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
