@@ -165,20 +165,8 @@ def test_resume_inside_a_long_example_and_twice(tmp_path, rows_read, monkeypatch
     run(source, out_in(monkeypatch, tmp_path / "ref"))
     out = out_in(monkeypatch, tmp_path / "k")
     expected = dir_bytes(tmp_path / "ref" / "out")
-    real_close = outdir.ChunkWriter._close
     for stop_after in (2, 5):
-        closed = [0]
-
-        def dying_close(self, resume, closed=closed, stop_after=stop_after):
-            if closed[0] == stop_after:
-                raise KeyboardInterrupt
-            closed[0] += 1
-            real_close(self, resume)
-
-        with monkeypatch.context() as mp:
-            mp.setattr(outdir.ChunkWriter, "_close", dying_close)
-            with pytest.raises(KeyboardInterrupt):
-                run(source, out)
+        interrupt_after(monkeypatch, source, out, stop_after)
     chunks = json.loads((out / outdir.PROGRESS_NAME).read_text())["chunks"]
     assert len(chunks) == 7
     assert any(c["resume_position"]["skip_pieces"] > 0 for c in chunks)  # a task began mid-example
