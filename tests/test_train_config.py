@@ -57,6 +57,7 @@ def test_overrides_are_typed():
         ("train.max_steps=1.5", "train.max_steps must be an integer"),
         ("train.compile=1", "train.compile must be true or false"),
         ("optim.lr=-1", "optim.lr must be positive"),
+        ("train.max_minutes=-1", r"train.max_minutes must be >= 0 \(0 = no time limit\)"),
         ("optim.schedule=step", "optim.schedule must be one of"),
         ("train.precision=fp8", "train.precision must be one of"),
         ("model.preset=gpt5", "model.preset must be one of"),

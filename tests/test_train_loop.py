@@ -61,6 +61,51 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
     assert_same_tensors(*opt)
 
 
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """The loop's clock, advanced by one second at every reading: time limits without waiting."""
+    import gpt2lab.train.loop as loop
+
+    now = iter(range(10**9))
+    monkeypatch.setattr(loop, "_clock", lambda: float(next(now)))
+
+
+def test_time_limit_ends_the_run_like_its_last_step_and_resume_continues_exactly(corpus, tmp_path, fake_clock):
+    sections = dict(data={"shuffle": True}, eval={"every": 0, "sample_tokens": 4}, checkpoint={"every": 0})
+    straight = train(tiny_config(corpus, tmp_path / "straight", **sections), progress=False)
+    assert straight.step == 8
+
+    # 0.2 min = 12 s. The clock is read 4 times per step (start, time check, end, elapsed), so a step
+    # "takes" 2 s: step 3's check (10 s + 2 s) still fits, step 4's (14 s + 2 s) does not.
+    limited = tiny_config(corpus, tmp_path / "resumed", train={"max_minutes": 0.2}, **sections)
+    part = train(limited, progress=False)
+    assert part.step == 4 and part.interrupted and part.checkpoint.name == "step_00000004"
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4]  # evaluated as a last step is
+    assert [r["step"] for r in records if r["kind"] == "sample"] == [4]
+    events = [r["message"] for r in records if r["kind"] == "event"]
+    assert events == [f"train.max_minutes (0.2) reached: stopped after step 4 of 8, checkpoint {part.checkpoint}"]
+
+    rest = train(tiny_config(corpus, tmp_path / "resumed", **sections), resume="auto", progress=False)
+    assert rest.step == 8 and not rest.interrupted
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    assert_same_tensors(weights(tmp_path / "straight", 8), weights(tmp_path / "resumed", 8))
+
+
+def test_a_step_always_runs_even_when_the_time_limit_has_passed(corpus, tmp_path, fake_clock):
+    # 0.01 min = 0.6 s: gone before the first step's check, which still lets that step finish.
+    result = train(tiny_config(corpus, tmp_path / "run", train={"max_minutes": 0.01}), progress=False)
+    assert result.step == 1 and result.interrupted and result.checkpoint.name == "step_00000001"
+
+
+def test_cli_max_minutes_sets_the_limit(corpus, tmp_path, cli):
+    config = write_toml(tiny_config(corpus, tmp_path / "run"), tmp_path / "tiny.toml")
+    printed = cli("train", config, "--max-minutes", "30", "--print-config")
+    assert printed.code == 0 and "max_minutes = 30.0" in printed.out
+    bad = cli("train", config, "--max-minutes", "-2", "--no-progress")
+    assert bad.code == 1 and "train.max_minutes must be >= 0" in bad.err and "Traceback" not in bad.err
+
+
 def test_resume_auto_without_checkpoint_starts_fresh_and_never_refuses_existing(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "run", train={"max_steps": 2})
     assert train(cfg, resume="auto", progress=False).step == 2

@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="prepared shards (data.dir)")
     p.add_argument("--out", metavar="DIR", help="run directory (train.out_dir)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="end the run (evaluate, checkpoint) before M minutes of training have passed (train.max_minutes)",
+    )
     p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (eval.every)")
     p.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (checkpoint.every)")
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | mps (train.device)")
@@ -83,6 +89,7 @@ FLAG_KEYS = {
     "data": "data.dir",
     "out": "train.out_dir",
     "max_steps": "train.max_steps",
+    "max_minutes": "train.max_minutes",
     "eval_every": "eval.every",
     "ckpt_every": "checkpoint.every",
     "device": "train.device",

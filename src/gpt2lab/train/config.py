@@ -79,6 +79,10 @@ class TrainSection:
     seq_len: int = 1024
     total_batch_tokens: int = 524288  # per optimizer step, all devices; fixes gradient accumulation
     max_steps: int = 19073
+    # A wall-time limit for one `train` call, in minutes (0 = none): when the next step would end past
+    # it, the run ends after this one as if it were the last (evaluation, checkpoint); --resume auto
+    # continues the same schedule. Lightning's max_time, a batch job's time limit.
+    max_minutes: float = 0.0
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (see runtime.autocast_dtype)
@@ -207,6 +211,7 @@ class TrainConfig:
             need(getattr(t, key) >= 1, f"train.{key}", "a positive integer")
         need(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}")
         need(t.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0")
+        need(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no time limit)")
         need(t.parallel in PARALLEL, "train.parallel", f"one of {', '.join(PARALLEL)}")
         need(bool(t.out_dir), "train.out_dir", "a directory")
         need(m.block_size is None or t.seq_len <= m.block_size, "train.seq_len", "at most model.block_size")

@@ -74,6 +74,9 @@ from .state import (
     Stateful,
 )
 
+# The loop's clock: step times, elapsed time, train.max_minutes (a test can replace it).
+_clock = time.perf_counter
+
 
 @dataclass
 class TrainResult:
@@ -234,6 +237,8 @@ class Trainer:
             self.env.world_size,
         )
         self.stop = StopRequest()
+        self._deadline: float | None = None  # train.max_minutes after run() started (perf_counter)
+        self._last_step_time = 0.0
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.val_step = -1  # the step last_val was measured at
@@ -336,7 +341,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to max_steps (or a stop request); returns how it ended. Non-finite losses and failed
         checkpoint writes raise GPT2LabError, leaving the last good checkpoint as it was."""
-        t, c, started = self.cfg.train, self.counters, time.perf_counter()
+        t, c, started = self.cfg.train, self.counters, _clock()
         self.stop.install()
         bar = self._progress_bar()
         try:
@@ -344,11 +349,12 @@ class Trainer:
                 self._log({"kind": "event", "step": c.step, "message": f"resumed from {self.resumed_from}"})
             elif self.cfg.eval.every and t.init_from:
                 self._evaluate()  # the pretrained model's val loss: what fine-tuning starts from
+            self._deadline = started + 60 * t.max_minutes if t.max_minutes else None
             while c.step < t.max_steps:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 with deterministic(self.device) if t.deterministic else contextlib.nullcontext():
-                    loss, norm, stop = self._train_step()
-                dt = time.perf_counter() - t0
+                    loss, norm, stop, time_up = self._train_step()
+                dt = self._last_step_time = _clock() - t0
                 c.step += 1
                 c.tokens += self.tokens_per_step
                 self.schedule.advance()
@@ -356,18 +362,29 @@ class Trainer:
                     self._nonfinite(loss, norm)
                 else:
                     self.last_loss = loss
-                record = self._train_record(loss, norm, dt, time.perf_counter() - started)
+                record = self._train_record(loss, norm, dt, _clock() - started)
                 if c.step % t.log_every == 0 or c.step == t.max_steps:
                     self._log(record)
                 if bar is not None:
                     bar.set_postfix_str(progress_text(record), refresh=False)
                     bar.update(1)
                 done = c.step == t.max_steps
+                # Out of time: this step is the run's last, evaluated and saved as the end of the run is.
+                last = done or (time_up and not stop)
                 stop = stop or (self.stop_at is not None and c.step >= self.stop_at)
-                if done or (self.cfg.eval.every and c.step % self.cfg.eval.every == 0):
+                if last or (self.cfg.eval.every and c.step % self.cfg.eval.every == 0):
                     self._evaluate()
-                if done or stop or (self.cfg.checkpoint.every and c.step % self.cfg.checkpoint.every == 0):
+                if last or stop or (self.cfg.checkpoint.every and c.step % self.cfg.checkpoint.every == 0):
                     self._save()
+                if last and not done:
+                    if self.env.is_main:
+                        message = (
+                            f"train.max_minutes ({t.max_minutes:g}) reached: stopped after step {c.step} of "
+                            f"{t.max_steps}, checkpoint {self.last_ckpt}"
+                        )
+                        self._log({"kind": "event", "step": c.step, "message": message})
+                        self._print(message)
+                    break
                 if stop and not done:
                     if self.env.is_main:
                         why = (
@@ -390,11 +407,12 @@ class Trainer:
             self.last_val,
             self.last_ckpt,
             c.step < t.max_steps,
-            time.perf_counter() - started,
+            _clock() - started,
         )
 
-    def _train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step; returns (mean loss over all ranks' micro-batches, grad norm, stop?)."""
+    def _train_step(self) -> tuple[float, float, bool, bool]:
+        """One optimizer step; returns (mean loss over all ranks' micro-batches, grad norm, stop?, out of
+        time?). Both flags are votes of every rank, all-reduced with the loss, so all ranks agree."""
         self.schedule.apply()
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -417,19 +435,26 @@ class Trainer:
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
-        packed = torch.stack([loss_sum, self._flags[self.stop.requested]])
+        packed = torch.stack([loss_sum, self._flags[self.stop.requested], self._flags[self._out_of_time()]])
         D.all_reduce_sum(packed)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the clipping
         norm_t = clip_gradients(list(self.model.parameters()), clip)  # the global norm, under FSDP too
         # The step's one read from the device: the update is skipped when the loss or the norm is not finite.
-        loss_sum_all, stop_votes, norm = torch.stack([packed[0], packed[1], norm_t.float()]).tolist()
+        loss_sum_all, stop_votes, time_votes, norm = torch.stack([*packed, norm_t.float()]).tolist()
         loss_mean, stop = loss_sum_all / self.env.world_size, stop_votes > 0
         if math.isfinite(loss_mean) and math.isfinite(norm):
             self.optimizer.step()  # the scaler's step() would do the same, with one more device read
         self.scaler.update()  # halves the scale after an overflow, grows it after a run of clean steps
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_mean, norm, stop
+        return loss_mean, norm, stop, time_votes > 0
+
+    def _out_of_time(self) -> bool:
+        """Would one more step, as long as the last one, end past train.max_minutes? Asked near the end of
+        each step, so a step always runs, even when the limit has already passed."""
+        if self._deadline is None:
+            return False
+        return _clock() + self._last_step_time > self._deadline
 
     def _nonfinite(self, loss: float, norm: float) -> None:
         c = self.counters
