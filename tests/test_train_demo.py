@@ -3,9 +3,12 @@ samples, plot, and the closing directions."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 
 import pytest
+from helpers import subprocess_env
 
 from gpt2lab import demo
 from gpt2lab.data import read_manifest
@@ -78,21 +81,22 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
     first = demo.fit_to_budget(cfg, step_time=0.5, budget=300.0, spent=30.0)  # 1200 x 0.5 s > 235 s left
     assert first.short
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
-    # 300 s, 25 s spent (preparation and both timings), 35 s in reserve: 90% of 240 s at 0.3 s a step is 720 steps
-    plan = demo.fit_to_budget(cfg, step_time=0.3, budget=300.0, spent=25.0, short=short)
-    assert plan.short and plan.steps == 720 and plan.tokens_per_step == 512
-    assert plan.warmup_steps == round(100 * 720 / 1200) == 60
+    # 300 s, 20 s spent (start-up, preparation and the timing), 30 s in reserve: 95% of 250 s at 0.25 s a
+    # step is 950 steps
+    plan = demo.fit_to_budget(cfg, step_time=0.25, budget=300.0, spent=20.0, short=short)
+    assert plan.short and plan.steps == 950 and plan.tokens_per_step == 512
+    assert plan.warmup_steps == round(100 * 950 / 1200) == 79
     assert plan.overrides() == [
         "train.batch_size=4",
         "train.total_batch_tokens=512",
-        "train.max_steps=720",
-        "optim.warmup_steps=60",
-        "eval.every=360",
-        "checkpoint.every=360",
+        "train.max_steps=950",
+        "optim.warmup_steps=79",
+        "eval.every=475",
+        "checkpoint.every=475",
     ]
     text = plan.explain(cfg)
-    assert "the config's 1200 steps do not fit in the 4.0 min left after 35 s kept" in text
-    assert "720 steps (3.6 min) of 512 tokens, warm-up 60 steps, learning rate 0.002 decaying to 0.0002" in text
+    assert "the config's 1200 steps do not fit in the 4.2 min left after 30 s kept" in text
+    assert "950 steps (4.0 min) of 512 tokens, warm-up 79 steps, learning rate 0.002 decaying to 0.0002" in text
     assert "ms per step of 512 tokens on this CPU" in text and "bf16 instructions" in text
     # A short run never has more tokens than the config's run.
     assert demo.fit_to_budget(cfg, step_time=0.01, budget=300.0, spent=40.0, short=short).steps == 2400
@@ -100,7 +104,7 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
 
 def test_a_fast_machine_keeps_the_configs_run():
     cfg = _cfg()
-    plan = demo.fit_to_budget(cfg, step_time=0.18, budget=300.0, spent=10.0)  # 1200 x 0.18 s < 90% of 255 s
+    plan = demo.fit_to_budget(cfg, step_time=0.18, budget=300.0, spent=10.0)  # 1200 x 0.18 s < 95% of 260 s
     assert not plan.short and plan.steps == 1200 and plan.warmup_steps == 100
     expected = ["train.max_steps=1200", "optim.warmup_steps=100", "eval.every=600", "checkpoint.every=600"]
     assert plan.overrides() == expected
@@ -110,9 +114,11 @@ def test_a_fast_machine_keeps_the_configs_run():
 def test_too_small_a_budget_still_trains_the_minimum_and_says_so(capsys):
     cfg = _cfg()
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
-    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=90.0, spent=30.0, short=short)  # 90% of 25 s left: 22 steps
+    plan = demo.fit_to_budget(cfg, step_time=1.0, budget=90.0, spent=30.0, short=short)  # 95% of 30 s left: 28 steps
     assert plan.steps == demo.MIN_STEPS
-    assert "only 22 steps fit in 1.5 min on this machine; training 50" in capsys.readouterr().out
+    assert "only 28 steps fit in 1.5 min on this machine; planning 50, which the time limit will cut short" in (
+        capsys.readouterr().out
+    )
 
 
 def test_the_demo_times_its_steps_and_prints_its_plan(tmp_path, capsys):
@@ -123,6 +129,10 @@ def test_the_demo_times_its_steps_and_prints_its_plan(tmp_path, capsys):
     assert "budget: 3 min in all;" in text and "ms per step of 64 tokens on this CPU" in text
     assert "plan: the config's 12 steps" in text
     assert "12 steps, val loss" in text and "of a 3-minute budget" in text
+    assert "s start-up, data and planning," in text and "s samples and plot" in text
+    # Training had a time limit: what was left of the 3 minutes after planning, less the tail's reserve.
+    limit = load_train_config(out / "config.toml", []).train.max_minutes
+    assert 0 < limit < 3 - demo.TAIL_SECONDS / 60
     assert not list(out.parent.glob(".demo-timing-*"))  # the timing run leaves nothing behind
 
 
@@ -133,7 +143,7 @@ def test_a_budget_too_short_for_the_config_trains_a_short_run(tmp_path, capsys):
     assert demo.main(["--out", str(out), "--data-root", str(tmp_path / "data"), "--minutes", "0.05", *trim]) == 0
     text = capsys.readouterr().out
     assert "plan: the config's 400 steps do not fit" in text and "a short run instead: 50 steps" in text
-    assert "note: only 0 steps fit in 0.05 min on this machine; training 50" in text
+    assert "note: only 0 steps fit in 0.05 min on this machine; planning 50" in text
     cfg = load_train_config(out / "config.toml", [])
     assert (cfg.train.batch_size, cfg.train.total_batch_tokens, cfg.train.max_steps) == (4, 512, 50)
 
@@ -149,3 +159,14 @@ def test_demo_refuses_a_bad_budget(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_process_age_counts_from_the_start_of_this_process(monkeypatch):
+    if sys.platform.startswith("linux"):
+        # A process that slept half a second before asking is at least that old.
+        code = "import time; time.sleep(0.5); from gpt2lab.demo import process_age; print(process_age())"
+        env = subprocess_env()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        assert 0.5 <= float(out.stdout) < 60
+    monkeypatch.setattr(demo.Path, "read_text", lambda self: "not a stat line")
+    assert demo.process_age() == 0.0  # where /proc is missing or unreadable, the budget starts at main()
