@@ -157,6 +157,25 @@ def test_model_training_path_matches_logits_path():
     torch.testing.assert_close(fused, plain)
 
 
+def test_model_gradients_of_the_fused_loss_match_the_logits_path_and_are_not_aliased():
+    # loss.backward() hands the fused loss's precomputed gradients over as they are (no multiply by 1);
+    # the tied embedding's gradient adds the lookup's to them, and a second backward through the same
+    # graph must add the same again: nothing handed over may have been changed in place.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))
+    x, y = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
+    model(x, y)[1].backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused = model(x, y, return_logits=False)[1]
+    fused.backward(retain_graph=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-4, atol=1e-6, msg=n)
+    fused.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, pad_vocab_multiple=64))
