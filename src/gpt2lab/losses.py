@@ -21,9 +21,11 @@ Two ways through a chunk:
   and no subtraction pass, and the loss is simply log(sum(exp)) (the target's own term is exp(0) = 1,
   so the sum is at least 1 and cannot underflow). Only a logit more than 88 above the target's (a loss
   over 88 nats) overflows float32: such a chunk is detected (a non-finite sum) and recomputed the usual
-  way. Padding rows of the vocabulary are never computed, the block is never rescaled: the per-token
-  factors 1 / (sum * tokens) go onto the small operands of the two gradient matmuls instead, and the
-  one-hot part is a row gather and an `index_add_`.
+  way. The matmul's small operands are scaled by log2(e), so the block holds base-2 exponents and
+  the exponential is `exp2`, which ran twice as fast as `exp` on both AVX2 and AVX-512 kernels (at
+  the speed of a copy). Padding rows of the vocabulary are never computed, the block is never
+  rescaled: the per-token factors 1 / (sum * tokens) go onto the small operands of the two gradient
+  matmuls instead, and the one-hot part is a row gather and an `index_add_`.
 - everything else (GPUs, bf16 autocast): the usual max-shifted softmax, with the matmuls in the
   autocast dtype and the softmax in float32.
 
