@@ -57,6 +57,35 @@ def test_cached_equals_uncached_including_window_slides(num_samples):
     assert sampled.tokens == sampled_uncached.tokens
 
 
+def test_the_cache_reads_only_the_positions_it_filled(monkeypatch):
+    # KVCache is not zeroed: fill it with NaN first, and decoding must still equal the uncached logits.
+    from gpt2lab import model as model_module
+
+    real = model_module.KVCache.__init__
+
+    def poisoned(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.k.fill_(float("nan"))
+        self.v.fill_(float("nan"))
+
+    monkeypatch.setattr(model_module.KVCache, "__init__", poisoned)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)).eval()
+    cache = model_module.KVCache(model.config, 2, 12)
+    assert torch.isnan(cache.k).all()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full, _ = model(idx)
+        logits = [model(idx[:, :5], cache=cache)[0]]
+        logits += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(logits, dim=1), full)
+    greedy = SamplingParams(temperature=0)
+    prompt = idx[0, :5].tolist()
+    assert generate(model, prompt, 30, sampling=greedy).tokens == generate(
+        model, prompt, 30, sampling=greedy, use_cache=False
+    ).tokens
+
+
 def test_window_semantics_each_token_sees_the_documented_context():
     torch.manual_seed(1)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=50)).eval()

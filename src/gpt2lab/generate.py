@@ -153,7 +153,9 @@ def _decode(
     start = 0  # the model's window is seq[:, start:]
     cache = None
     if use_cache:
-        cache = KVCache(model.config, num_samples, device=device, dtype=model.lm_head.weight.dtype)
+        # As long as the sequence can get: the whole context only where the window will have to slide.
+        max_len = min(block, len(prompt) + max_new_tokens)
+        cache = KVCache(model.config, num_samples, max_len, device=device, dtype=model.lm_head.weight.dtype)
     stopped = None
     if sampling.stop_token is not None:
         stopped = torch.zeros(num_samples, dtype=torch.bool, device=device)  # (S,)
