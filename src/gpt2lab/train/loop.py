@@ -54,7 +54,7 @@ from ..tokenizer import Tokenizer, get_tokenizer
 from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
 from .config import TrainConfig, to_toml
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
-from .optim import Schedule, build_optimizer, optimizer_groups
+from .optim import Schedule, build_optimizer
 from .parallel import (
     check_fsdp_supported,
     clip_gradients,
@@ -62,9 +62,9 @@ from .parallel import (
     gathered_for_eval,
     shard_model,
 )
+from .saving import CheckpointWriter, find_resume
 from .signals import StopRequest
 from .state import (
-    PER_RANK,
     Counters,
     ModelState,
     OptimizerState,
@@ -193,7 +193,7 @@ class Trainer:
         # from a Python bool every step would be a blocking host-to-device copy.
         self._flags = (torch.zeros((), device=self.device), torch.ones((), device=self.device))
 
-        self.resumed_from = self._find_resume(resume)
+        self.resumed_from = find_resume(self.run_dir, resume, self.env)
         self._saved: dict[str, Any] | None = None
         seed_everything(t.seed)  # the same initial weights on every rank
         if self.resumed_from is not None:
@@ -215,6 +215,10 @@ class Trainer:
                 f"train.seq_len ({t.seq_len}) is longer than the model's context ({model.config.block_size})"
             )
         self.model = model.to(self.device)
+        c = cfg.checkpoint
+        self.checkpoints = CheckpointWriter(
+            self.run_dir, self.env, model.config, self.tokenizer, c.keep_last, c.keep_best
+        )
         self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
         self.peak = peak_flops(self.device, self.amp_dtype)
         if t.activation_checkpointing:
@@ -310,31 +314,6 @@ class Trainer:
             self.writer = MetricsWriter(self.run_dir, self.cfg.train.tensorboard)
             atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
             ckpt.remove_stale_temporaries(self.run_dir)
-
-    def _find_resume(self, resume: str) -> Path | None:
-        """The checkpoint to continue from (decided by rank 0, so every rank reads the same one)."""
-        found: Path | None = None
-        error = ""
-        if self.env.is_main:
-            if resume == "auto":
-                found = ckpt.find_latest_training(self.run_dir)
-            elif resume == "never":
-                if ckpt.find_checkpoints(self.run_dir):
-                    error = (
-                        f"{self.run_dir} already has checkpoints (newest: {ckpt.find_latest(self.run_dir)}); "
-                        "continue that run with --resume auto, or set another train.out_dir"
-                    )
-            else:
-                found = ckpt.resolve_checkpoint(resume) if Path(resume).is_dir() else None
-                if found is None or not ckpt.is_training_checkpoint(found):
-                    error = (
-                        f"--resume {resume}: no training checkpoint there; give a run directory or a "
-                        "checkpoints/step_* directory, or use --init-from to start from weights only"
-                    )
-        found, error = D.broadcast_from_main((found, error), self.env)
-        if error:
-            raise GPT2LabError(error)
-        return found
 
     # ------------------------------------------------------------------------------------- the loop
 
@@ -528,10 +507,7 @@ class Trainer:
             self._print(f"step {self.counters.step} sample: {e.sample_prompt}{text}")
 
     def _save(self) -> None:
-        """Checkpoint the state after `counters.step` steps: every component's state_dict(), the per-rank
-        ones gathered from every rank (rank 0 writes; every rank learns the outcome)."""
-        components = self.components()
-        ranks = D.gather_to_main({name: components[name].state_dict() for name in PER_RANK}, self.env)
+        """Checkpoint the state after `counters.step` steps (see train/saving.py)."""
         step = self.counters.step
         meta = {
             "step": step,
@@ -543,57 +519,9 @@ class Trainer:
             "grad_accum": self.grad_accum,
             "parallel": self.cfg.train.parallel,
         }
-        if self.fsdp:
-            self._save_sharded(components, ranks, meta)
-            return
-        error = ""
-        if self.env.is_main:
-            states: dict[str, Any] = {n: comp.state_dict() for n, comp in components.items() if n not in PER_RANK}
-            states["ranks"] = ranks
-            try:
-                assert self.writer is not None
-                self.writer.sync()
-                self.last_ckpt = ckpt.save_training_checkpoint(
-                    self.run_dir, step, states, self.model.config, self.tokenizer, meta
-                )
-                ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
-            except GPT2LabError as e:
-                error = str(e)
-            except OSError as e:  # syncing metrics.jsonl or removing an old checkpoint
-                error = f"checkpoint bookkeeping in {self.run_dir} failed ({e}); newest checkpoint: {self.last_ckpt}"
-        error = D.broadcast_from_main(error, self.env)  # the other ranks stop too instead of waiting
-        if error:
-            raise GPT2LabError(error)
-
-    def _save_sharded(self, components: dict[str, Stateful], ranks: list[Any] | None, meta: dict[str, Any]) -> None:
-        """The FSDP checkpoint: every rank writes its shards through DCP, rank 0 the rest (see
-        checkpoint.save_sharded_training_checkpoint); all ranks take part in each collective."""
-        model = components["model"]
-        assert isinstance(model, ShardedModelState)
-        # The tied lm_head is the embedding: stored once, as in model.safetensors.
-        weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        sharded = {"model": weights, "optimizer": components["optimizer"].state_dict()}
-        full = model.full_weights()  # rank 0: one float32 copy of the weights in host memory
-        states: dict[str, Any] | None = None
-        if self.env.is_main:
-            assert self.writer is not None
-            skip = ("model", "optimizer", *PER_RANK)
-            states = {n: comp.state_dict() for n, comp in components.items() if n not in skip}
-            states["optimizer"] = {"param_groups": optimizer_groups(self.optimizer)}
-            states["ranks"] = ranks
-            self.writer.sync()
-        self.last_ckpt = ckpt.save_sharded_training_checkpoint(
-            self.run_dir, self.counters.step, sharded, states, full, self.model.config, self.tokenizer, meta, self.env
+        self.last_ckpt = self.checkpoints.save(
+            step, self.components(), meta, self.writer, sharded=self.fsdp, previous=self.last_ckpt
         )
-        error = ""
-        if self.env.is_main:
-            try:
-                ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
-            except OSError as e:
-                error = f"checkpoint bookkeeping in {self.run_dir} failed ({e}); newest checkpoint: {self.last_ckpt}"
-        error = D.broadcast_from_main(error, self.env)
-        if error:
-            raise GPT2LabError(error)
 
     # ------------------------------------------------------------------------------------- output
 
