@@ -161,6 +161,26 @@ def test_demo_refuses_a_bad_budget(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_budget_counts_from_the_start_it_is_given(tmp_path, capsys):
+    # As `python -m gpt2lab.demo` passes its process's start: 170 s of a 3-minute budget already gone.
+    import time
+
+    trim = [a for a in TRIM if a not in ("--steps", "2")] + ["--set", "train.max_steps=400"]
+    argv = ["--out", str(tmp_path / "demo"), "--data-root", str(tmp_path / "data"), "--minutes", "3", *trim]
+    assert demo.main(argv, started=time.perf_counter() - 170) == 0
+    text = capsys.readouterr().out
+    assert "budget: 3 min in all; 17" in text  # 170-odd seconds spent, the timing included
+    assert "note: only 0 steps fit in 3 min on this machine; planning 50" in text
+    assert "do not fit in the 0.0 min left" in text  # never a negative time
+
+
+def test_a_short_run_of_fewer_steps_than_the_warm_up_warms_up_over_all_of_them():
+    cfg = load_train_config(demo.find_config(), ["train.max_steps=12"])  # warm-up 100 of 12 steps
+    short = load_train_config(demo.find_config(), ["train.max_steps=12", *demo.SHORT_RUN])
+    plan = demo.fit_to_budget(cfg, step_time=0.1, budget=300.0, spent=10.0, short=short)
+    assert plan.steps == 24 and plan.warmup_steps == 24
+
+
 def test_process_age_counts_from_the_start_of_this_process(monkeypatch):
     if sys.platform.startswith("linux"):
         # A process that slept half a second before asking is at least that old.

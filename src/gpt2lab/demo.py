@@ -83,7 +83,9 @@ def choose_corpus(data_root: Path, corpus: str) -> tuple[str, str]:
     return "pydoc-topics", str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The demo; its budget counts from `started` (a time.perf_counter() reading), by default now.
+    `python -m gpt2lab.demo` passes the process's start, so the interpreter's start-up counts too."""
     ap = argparse.ArgumentParser(prog="python -m gpt2lab.demo", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--minutes",
@@ -108,17 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps must be at least 1, got {args.steps}")
     try:
-        return _run(args)
+        return _run(args, time.perf_counter() if started is None else started)
     except GPT2LabError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, t_start: float) -> int:
     from .data.prepare import PrepareOptions, prepare
     from .train.loop import train
 
-    t_start = time.perf_counter() - process_age()  # the budget counts the interpreter's start too
     data_root, out = Path(args.data_root), Path(args.out)
     print("gpt2lab demo: a small GPT-2 learns a corpus on this CPU, offline.\n")
     name, source = choose_corpus(data_root, args.corpus)
@@ -239,7 +240,7 @@ class Plan:
         else:
             where = f"this {device.type} device"
         precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "float16 autocast"}[dtype]
-        left = self.budget - self.spent - RESERVE_SECONDS
+        left = max(0.0, self.budget - self.spent - RESERVE_SECONDS)
         minutes = self.steps * self.step_time / 60  # the plan's estimate of the training time
         lines = [
             f"budget: {self.budget / 60:g} min in all; {self.spent:.0f} s went to starting, preparing the data "
@@ -336,9 +337,9 @@ def fit_to_budget(
             f"note: only {fit} steps fit in {budget / 60:g} min on this machine; planning {steps}, which the "
             "time limit will cut short (raise --minutes)"
         )
-    warmup = max(1, round(o.warmup_steps * steps / t.max_steps))
+    warmup = min(steps, max(1, round(o.warmup_steps * steps / t.max_steps)))
     return Plan(step_time, budget, spent, steps, warmup, short.train.total_batch_tokens, True)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(started=time.perf_counter() - process_age()))
