@@ -36,11 +36,11 @@ def test_the_whole_script_rehearses_on_the_cpu(tmp_path):
     assert "|loss diff| 0.0000" in out
     assert "repeat: identical" in out  # train.deterministic repeats bit for bit
     # train: torchrun with evaluation, a stop, a checkpoint, a resume, and no recompilation
-    assert "--stop-at 20: stopped after step 20" in out and "finished at step 40" in out
+    assert "--stop-at 8: stopped after step 8" in out and "finished at step 16" in out  # the rehearsal's 16 steps
     assert "recompilations: 0" in out
     assert "speed: ok" in out and "train: ok" in out
     assert (tmp_path / "speed.json").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "step_00000040").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000016").is_dir()
 
 
 def test_a_part_that_fails_fails_the_script(tmp_path):
