@@ -6,7 +6,7 @@ One optimizer step (build-nanogpt's loop, llm.c's train_gpt2.py):
     for each of grad_accum micro-steps:               # grad_accum = total_batch_tokens / (B * T * ranks)
         x, y = loader.next_batch()                    # this rank's (B, T) windows
         loss = model(x, y) / grad_accum; backward     # DDP syncs gradients on the last micro-step only
-    all-reduce [loss, stop flag]                      # every rank logs the same loss, stops together
+    all-reduce [loss, stop flag, out-of-time flag]    # every rank logs the same loss, stops together
     norm = clip_grad_norm_(...); check finite; optimizer.step()
     (float16 autocast: backward of the loss x scale, gradients unscaled before clipping, scale updated)
 
@@ -14,7 +14,8 @@ then, by the step count: log to metrics.jsonl, evaluate, checkpoint. A checkpoin
 state after N steps, as a dict of components (train/state.py): weights, AdamW state, loss scaler,
 schedule, counters, each rank's RNG states and loader position, so `--resume auto` continues exactly
 as if the run had never stopped. SIGINT / SIGTERM finish the current step, write a checkpoint and
-return; a second SIGINT aborts at once.
+return; a second SIGINT aborts at once. train.max_minutes ends the run after the step that the next
+one would take past the limit, evaluated and checkpointed like a last step.
 
 Bit for bit holds on CPU. On GPUs, atomics in some kernels (flash attention's backward among them) make
 two runs differ in the last bits unless `train.deterministic = true` (see runtime.deterministic).
