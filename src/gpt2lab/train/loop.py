@@ -218,7 +218,7 @@ class Trainer:
         self.model = model.to(self.device)
         c = cfg.checkpoint
         self.checkpoints = CheckpointWriter(
-            self.run_dir, self.env, model.config, self.tokenizer, c.keep_last, c.keep_best
+            self.run_dir, self.env, model.config, self.tokenizer, c.keep_last, c.keep_best, sharded=self.fsdp
         )
         self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
         self.peak = peak_flops(self.device, self.amp_dtype)
@@ -520,9 +520,7 @@ class Trainer:
             "grad_accum": self.grad_accum,
             "parallel": self.cfg.train.parallel,
         }
-        self.last_ckpt = self.checkpoints.save(
-            step, self.components(), meta, self.writer, sharded=self.fsdp, previous=self.last_ckpt
-        )
+        self.last_ckpt = self.checkpoints.save(step, self.components(), meta, self.writer, previous=self.last_ckpt)
 
     # ------------------------------------------------------------------------------------- output
 

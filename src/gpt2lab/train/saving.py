@@ -51,7 +51,8 @@ def find_resume(run_dir: Path, resume: str, env: D.DistEnv) -> Path | None:
 
 
 class CheckpointWriter:
-    """Writes a run's checkpoints into `run_dir` and prunes the old ones (keep_last, keep_best)."""
+    """Writes a run's checkpoints into `run_dir` (DCP shards when `sharded`, the FSDP layout) and prunes
+    the old ones (keep_last, keep_best)."""
 
     def __init__(
         self,
@@ -61,10 +62,11 @@ class CheckpointWriter:
         tokenizer: Tokenizer,
         keep_last: int,
         keep_best: bool,
+        sharded: bool,
     ) -> None:
         self.run_dir, self.env = run_dir, env
         self.model_config, self.tokenizer = model_config, tokenizer
-        self.keep_last, self.keep_best = keep_last, keep_best
+        self.keep_last, self.keep_best, self.sharded = keep_last, keep_best, sharded
 
     def save(
         self,
@@ -72,25 +74,24 @@ class CheckpointWriter:
         components: dict[str, Stateful],
         meta: dict[str, Any],
         metrics: MetricsWriter | None,
-        sharded: bool,
         previous: Path | None,
     ) -> Path | None:
         """The state after `step` steps: every component's state_dict(), the per-rank ones gathered
         from every rank. `metrics` (rank 0's) is synced first, so that the checkpoint never runs ahead
         of metrics.jsonl. Returns the new checkpoint (on the ranks that know it; `previous` elsewhere)."""
         ranks = D.gather_to_main({name: components[name].state_dict() for name in PER_RANK}, self.env)
-        if sharded:
-            return self._save_sharded(step, components, ranks, meta, metrics)
-        error, newest = "", previous
+        newest = self._save_sharded(step, components, ranks, meta, metrics) if self.sharded else previous
+        error = ""
         if self.env.is_main:
-            states: dict[str, Any] = {n: comp.state_dict() for n, comp in components.items() if n not in PER_RANK}
-            states["ranks"] = ranks
             try:
-                assert metrics is not None
-                metrics.sync()
-                newest = ckpt.save_training_checkpoint(
-                    self.run_dir, step, states, self.model_config, self.tokenizer, meta
-                )
+                if not self.sharded:
+                    states = {n: comp.state_dict() for n, comp in components.items() if n not in PER_RANK}
+                    states["ranks"] = ranks
+                    assert metrics is not None
+                    metrics.sync()
+                    newest = ckpt.save_training_checkpoint(
+                        self.run_dir, step, states, self.model_config, self.tokenizer, meta
+                    )
                 ckpt.prune_checkpoints(self.run_dir, self.keep_last, self.keep_best)
             except GPT2LabError as e:
                 error = str(e)
@@ -109,7 +110,7 @@ class CheckpointWriter:
         meta: dict[str, Any],
         metrics: MetricsWriter | None,
     ) -> Path:
-        """The FSDP checkpoint; all ranks take part in each collective."""
+        """The FSDP checkpoint's files; all ranks take part in each collective."""
         model, optimizer = components["model"], components["optimizer"]
         assert isinstance(model, ShardedModelState) and isinstance(optimizer, ShardedOptimizerState)
         # The tied lm_head is the embedding: stored once, as in model.safetensors.
@@ -124,16 +125,6 @@ class CheckpointWriter:
             states["optimizer"] = {"param_groups": optimizer_groups(optimizer.optimizer)}
             states["ranks"] = ranks
             metrics.sync()
-        newest = ckpt.save_sharded_training_checkpoint(
+        return ckpt.save_sharded_training_checkpoint(
             self.run_dir, step, sharded, states, full, self.model_config, self.tokenizer, meta, self.env
         )
-        error = ""
-        if self.env.is_main:
-            try:
-                ckpt.prune_checkpoints(self.run_dir, self.keep_last, self.keep_best)
-            except OSError as e:
-                error = f"checkpoint bookkeeping in {self.run_dir} failed ({e}); newest checkpoint: {newest}"
-        error = D.broadcast_from_main(error, self.env)
-        if error:
-            raise GPT2LabError(error)
-        return newest
