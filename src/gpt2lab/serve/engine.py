@@ -239,9 +239,9 @@ class ModelRunner:
         else:
             keep = bisect.bisect_left([t.offset for t in r.held], r.released)
         tokens, r.held = r.held[:keep], ([] if finish else r.held[keep:])
-        self._emit(g, Event(r.choice, text, tokens, finish, completion_tokens=r.generated, echo=list(echo)))
-        if finish is not None:
+        if finish is not None:  # the slot is free before the client can see its choice end
             self._release(r)
+        self._emit(g, Event(r.choice, text, tokens, finish, completion_tokens=r.generated, echo=list(echo)))
 
     def _token_info(self, logits: torch.Tensor, token: int, top_n: int, offset: int) -> TokenInfo:
         # The model's own distribution (temperature 1, nothing filtered), as OpenAI's logprobs are.
@@ -269,8 +269,8 @@ class ModelRunner:
 
     def fail_all(self, message: str) -> None:
         for r in list(self.running):
-            self._emit(r.group, Event(r.choice, error=message))
             self._release(r)
+            self._emit(r.group, Event(r.choice, error=message))
 
 
 class Engine:
