@@ -3,18 +3,7 @@ its matmul speed (the vector ISA torch dispatches to, and whether gpt2lab finds 
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from gpt2lab.runtime import cpu_name  # noqa: F401 - the benchmarks import it from here
 
 
 def cpu_features() -> str:

@@ -132,6 +132,7 @@ def main() -> None:
     from gpt2lab.train.config import load_train_config
     from gpt2lab.train.loop import gradient_accumulation
     from gpt2lab.train.optim import build_optimizer, lr_at, set_lr
+    from gpt2lab.tuning import choose_cpu_loss_kernel
 
     overrides = [f"train.precision={args.precision}"]
     cfg = load_train_config(args.config, overrides)
@@ -143,6 +144,10 @@ def main() -> None:
     torch.manual_seed(0)
     ours = fresh_model(cfg, 50257).train()
     c = ours.config
+    kernel_note = "float32 CPU loss: autocast, the max-shifted path"
+    if amp is None:  # the kernel the trainer would choose on this machine (gpt2lab/tuning.py)
+        ours.loss_kernel, how = choose_cpu_loss_kernel(c.n_embd, c.vocab_size, c.padded_vocab_size, B * T)
+        kernel_note = f"float32 CPU loss: {ours.loss_kernel}; {how}"
     hf = GPT2LMHeadModel(
         GPT2Config(
             n_layer=c.n_layer,
@@ -198,6 +203,7 @@ def main() -> None:
     wait = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     print(f"{cpu_name()} ({cpu_features()}), {torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait}")
     print(f"torch {torch.__version__}")
+    print(kernel_note)
     print(
         f"model {c.n_layer} layers x {c.n_embd} wide, {ours.num_params():,} parameters; micro-batch {B} x {T}, "
         f"{accum} micro-steps, {cfg.train.total_batch_tokens:,} tokens/step; autocast {amp or 'off (float32)'}"

@@ -17,13 +17,17 @@ Two ways through a chunk:
 - float32 on a CPU (`_cpu_float32`): every pass over the (vocabulary x chunk) block costs about as much
   as a third of its matmul, so the block is touched as few times as the math allows. The softmax is
   shifted by each token's *target* logit instead of the row maximum: that shift is a dot product per
-  token, computed before the matmul and subtracted by it (a per-token bias), so there is no max pass
-  and no subtraction pass, and the loss is simply log(sum(exp)) (the target's own term is exp(0) = 1,
-  so the sum is at least 1 and cannot underflow). Only a logit more than 88 above the target's (a loss
-  over 88 nats) overflows float32: such a chunk is detected (a non-finite sum) and recomputed the usual
-  way. The matmul's small operands are scaled by log2(e), so the block holds base-2 exponents and
-  the exponential is `exp2`, which ran twice as fast as `exp` on both AVX2 and AVX-512 kernels (at
-  the speed of a copy). Padding rows of the vocabulary are never computed, the block is never
+  token, computed before the matmul and subtracted by it, as one more inner dimension (a column of
+  ones beside the weight, the shift beside the hidden state; addmm's bias would cost a pass of its
+  own). So there is no max pass and no subtraction pass, and the loss is simply log(sum(exp)) (the
+  target's own term is exp(0) = 1 up to rounding, so the sum cannot underflow). Only a logit more
+  than 88 above the target's (a loss over 88 nats) overflows float32: such a chunk is detected (a
+  non-finite sum) and recomputed the usual way. Which exponential is fastest depends on the CPU: on an
+  AMD EPYC `exp2` ran at the speed of a copy and twice as fast as `exp`, on an Intel Xeon `exp` was the
+  faster one (by 2x with AVX2 kernels). With `exp2` the matmul's small operands are scaled by
+  log2(e), so that the block holds base-2 exponents. The exponential, the chunk size and the block's
+  layout are a `CpuLossKernel`, which the trainer measures once per machine (gpt2lab/tuning.py) and
+  records in its checkpoints. Padding rows of the vocabulary are never computed, the block is never
   rescaled: the per-token factors 1 / (sum * tokens) go onto the small operands of the two gradient
   matmuls instead, and the one-hot part is a row gather and an `index_add_`.
 - everything else (GPUs, bf16 autocast): the usual max-shifted softmax, with the matmuls in the
@@ -35,17 +39,62 @@ Both keep the count of tokens as a tensor, so nothing waits on the device.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
+from .errors import GPT2LabError
+
 LOG2E = 1.0 / math.log(2.0)  # exp(x) = 2 ** (x * LOG2E)
+EXPONENTIALS = ("exp2", "exp")
+LAYOUTS = ("vocab-major", "token-major")
+
+
+@dataclass(frozen=True)
+class CpuLossKernel:
+    """How the float32 CPU path walks the logits: `chunk` tokens at a time, with `exp` ("exp2": base-2
+    exponents from a log2(e)-scaled matmul, or "exp"), in a block laid out `layout` ("vocab-major":
+    (vocabulary x chunk), "token-major": (chunk x vocabulary)). Every choice computes the same loss
+    and gradients up to float32 rounding; the rounding differs, so a run keeps its kernel when resumed.
+
+    The default is what was fastest on an AMD EPYC (AVX-512): a (50257, 256) block's three matmuls ran
+    20-30% faster there than a (50257, 128) block's, and exp2 twice as fast as exp. On an Intel Xeon
+    128-token chunks and exp were faster, and with AVX2 kernels the token-major block too
+    (docs/performance.md), hence the measurement in gpt2lab/tuning.py."""
+
+    chunk: int = 256
+    exp: str = "exp2"
+    layout: str = "vocab-major"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
+            raise GPT2LabError(f"CPU loss kernel: chunk must be a positive integer, got {self.chunk!r}")
+        if self.exp not in EXPONENTIALS:
+            raise GPT2LabError(f"CPU loss kernel: exp must be one of {', '.join(EXPONENTIALS)}, got {self.exp!r}")
+        if self.layout not in LAYOUTS:
+            raise GPT2LabError(f"CPU loss kernel: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CpuLossKernel:
+        try:
+            return cls(chunk=d["chunk"], exp=d["exp"], layout=d["layout"])
+        except (KeyError, TypeError):
+            raise GPT2LabError(
+                f"CPU loss kernel: expected {{'chunk': N, 'exp': 'exp2' or 'exp', 'layout': 'vocab-major' or "
+                f"'token-major'}}, got {d!r}"
+            ) from None
+
+    def __str__(self) -> str:
+        return f"chunks of {self.chunk} tokens, {self.exp}, {self.layout}"
 
 
 def default_chunk(device: torch.device) -> int:
-    """Tokens per chunk. On a CPU, 256: the three matmuls of a (50257, 256) block ran 20-30% faster than
-    those of a (50257, 128) block, which fits a 32 MB last-level cache but whose matmuls have an inner
-    or outer dimension of only 128 (docs/performance.md). GPUs want big matmuls."""
-    return 256 if device.type == "cpu" else 4096
+    """Tokens per chunk when no kernel is given: on a CPU the default kernel's; GPUs want big matmuls."""
+    return CpuLossKernel().chunk if device.type == "cpu" else 4096
 
 
 def _cpu_float32(
@@ -56,11 +105,15 @@ def _cpu_float32(
     vocab_size: int,
     chunk: int,
     needs_grad: bool,
+    base2: bool = True,
+    token_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum over tokens of weights * cross-entropy, and its gradients (already times `weights`).
 
     h: (N, C) float32, w: (V_padded, C), targets: (N,) in [0, vocab_size), weights: (N,) float32 (the
-    mean's 1 / n_valid, 0 for ignored tokens). Returns total (scalar), grad_h (N, C), grad_w (V_padded, C).
+    mean's 1 / n_valid, 0 for ignored tokens). base2: exp2 of log2(e)-scaled logits, else exp.
+    token_major: blocks of (chunk, V), else (V, chunk).
+    Returns total (scalar), grad_h (N, C), grad_w (V_padded, C).
     """
     N, C = h.shape
     wv = w[:vocab_size]  # (V, C): the padding rows take no part
@@ -74,15 +127,29 @@ def _cpu_float32(
         grad_w[vocab_size:] = 0  # the padding rows; the first chunk writes the others
     # One block for every chunk: writing into memory already touched is faster than a fresh 51 MB tensor
     # per chunk, and MKL's sgemm (into `out`) beat oneDNN's matmul on these shapes on an AVX2 CPU.
-    buf = torch.empty(vocab_size, min(chunk, N), dtype=torch.float32)
-    scaled = h * LOG2E  # (N, C): the matmul gives base-2 exponents
+    rows = min(chunk, N)
+    buf = torch.empty((rows, vocab_size) if token_major else (vocab_size, rows), dtype=torch.float32)
+    # The shift is one more inner dimension of the matmul: [w, 1] . [h, -picked] = logit - picked, times
+    # log2(e) for exp2 (the base-2 exponents). addmm would first copy the bias into all of the block.
+    scale = LOG2E if base2 else 1.0
+    w1 = torch.empty(vocab_size, C + 1, dtype=torch.float32)  # (V, C + 1)
+    w1[:, :C] = wv
+    w1[:, C] = 1.0
+    h1 = torch.empty(N, C + 1, dtype=torch.float32)  # (N, C + 1)
+    torch.mul(h, scale, out=h1[:, :C])
+    torch.mul(picked, -scale, out=h1[:, C])
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         hc, a = h[s:e], weights[s:e]  # (c, C), (c,)
-        # (V, c) exp(logit - target logit), as 2 ** ((logit - target logit) * log2 e): exp2 ran at the
-        # speed of a copy, exp at half of it. The matmul adds the bias while it writes the block.
-        E = torch.addmm(picked[s:e] * -LOG2E, wv, scaled[s:e].t(), out=buf[:, : e - s]).exp2_()
-        sums = E.sum(0)  # (c,) >= 1
+        # exp(logit - target logit), or 2 ** ((logit - target logit) * log2 e). Et is the block as
+        # (V, c) whatever its layout.
+        if token_major:
+            E = torch.mm(h1[s:e], w1.t(), out=buf[: e - s])  # (c, V)
+            Et = E.t()
+        else:
+            E = Et = torch.mm(w1, h1[s:e].t(), out=buf[:, : e - s])  # (V, c)
+        E = E.exp2_() if base2 else E.exp_()
+        sums = Et.sum(0)  # (c,) >= 1
         if not bool(torch.isfinite(sums).all()):
             # A logit 88 above the target's overflowed: this chunk the usual way (the check reads a CPU
             # tensor, no device to wait for).
@@ -90,18 +157,21 @@ def _cpu_float32(
             total += sub[0]
             if needs_grad:
                 grad_h[s:e] = sub[1]
-                grad_w += sub[2]
+                if s == 0:
+                    grad_w.copy_(sub[2])
+                else:
+                    grad_w += sub[2]
             continue
         total += (sums.log() * a).sum()  # log(sum exp(logit - picked)) = log-sum-exp - picked = the loss
         if needs_grad:
             # d/d logits = a * (softmax - one-hot) = (a / sums) * E - a * one-hot
             r = a / sums  # (c,)
-            gh = torch.mm(E.t(), wv)  # (c, C)
+            gh = torch.mm(Et.t(), wv)  # (c, C)
             grad_h[s:e] = torch.addcmul(gh * r.unsqueeze(1), w_t[s:e], a.unsqueeze(1), value=-1.0)
             if s == 0:  # the first chunk writes grad_w instead of adding to zeros
-                torch.mm(E, hc * r.unsqueeze(1), out=grad_w[:vocab_size])
+                torch.mm(Et, hc * r.unsqueeze(1), out=grad_w[:vocab_size])
             else:
-                grad_w[:vocab_size].addmm_(E, hc * r.unsqueeze(1))
+                grad_w[:vocab_size].addmm_(Et, hc * r.unsqueeze(1))
             grad_w.index_add_(0, targets[s:e], hc * a.unsqueeze(1), alpha=-1.0)
     return total, grad_h, grad_w
 
@@ -165,6 +235,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab_size: int,
         compute_dtype: torch.dtype,
         chunk: int,
+        base2: bool,
+        token_major: bool,
     ) -> torch.Tensor:
         valid = targets != -1  # (N,) -1 marks positions without a loss, as in F.cross_entropy(ignore_index=-1)
         # The mean's 1 / n_valid per token (0 where ignored), kept on the device: no host read.
@@ -179,7 +251,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         if fast:
             total, grad_h, grad_w = _cpu_float32(
-                hidden.contiguous(), weight.contiguous(), t, weights, vocab_size, chunk, needs_grad
+                hidden.contiguous(), weight.contiguous(), t, weights, vocab_size, chunk, needs_grad, base2, token_major
             )
         else:
             total, grad_h, grad_w = _shifted(hidden, weight, t, weights, vocab_size, compute_dtype, chunk, needs_grad)
@@ -193,20 +265,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_out.device.type == "cpu" and grad_out.numel() == 1 and grad_out.item() == 1.0:
             # loss.backward() of the loss itself: the gradients are ready, no pass over grad_w's 25 MB
             # (GPT-2's) to multiply them by 1. (A CPU scalar: reading it waits for nothing.)
-            return grad_h, grad_w, None, None, None, None
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+            return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk: int | None = None,
+    kernel: CpuLossKernel | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (logits over the first `vocab_size` rows) against targets.
 
     hidden: (N, C). weight: (V_padded, C), rows past vocab_size are padding. targets: (N,) token ids,
-    -1 where no loss is wanted. Returns a scalar float32 tensor, equal (up to rounding) to
+    -1 where no loss is wanted. kernel: the float32 CPU path's chunk and exponential (default
+    CpuLossKernel()); `chunk` overrides its chunk, and is the only choice on other paths. Returns a
+    scalar float32 tensor, equal (up to rounding) to
     F.cross_entropy((hidden @ weight.T)[:, :vocab_size], targets, ignore_index=-1).
     """
     device = hidden.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+    if kernel is not None and device.type == "cpu":
+        chunk = chunk or kernel.chunk
+    k = kernel or CpuLossKernel()
     with torch.autocast(device_type=device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, dtype, chunk or default_chunk(device))
+        return _LinearCrossEntropy.apply(
+            hidden,
+            weight,
+            targets,
+            vocab_size,
+            dtype,
+            chunk or default_chunk(device),
+            k.exp == "exp2",
+            k.layout == "token-major",
+        )

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .losses import linear_cross_entropy
+from .losses import CpuLossKernel, linear_cross_entropy
 
 
 class KVCache:
@@ -167,6 +167,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self._packed_batch: int | None = None  # see pack_for_cpu_inference
+        # The float32 CPU loss's chunk and exponential (losses.CpuLossKernel); the trainer sets it.
+        self.loss_kernel: CpuLossKernel | None = None
         V = config.padded_vocab_size
         self.transformer = nn.ModuleDict(
             dict(
@@ -300,7 +302,11 @@ class GPT(nn.Module):
             # No (B, T, V) logits tensor; under torch.compile the plain path below is fused by Inductor.
             C = x.size(-1)
             return None, linear_cross_entropy(
-                x.reshape(-1, C), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size
+                x.reshape(-1, C),
+                self.lm_head.weight,
+                targets.reshape(-1),
+                self.config.vocab_size,
+                kernel=self.loss_kernel,
             )
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import platform
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,6 +112,17 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 CPU_BF16_ENV = "GPT2LAB_CPU_BF16"
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_fast_bf16() -> bool:

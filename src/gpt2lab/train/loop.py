@@ -42,6 +42,7 @@ from ..data.prefetch import PrefetchLoader
 from ..data.shards import MANIFEST_NAME
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
+from ..losses import CpuLossKernel
 from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
 from ..runtime import (
     autocast,
@@ -52,6 +53,7 @@ from ..runtime import (
     seed_everything,
 )
 from ..tokenizer import Tokenizer, get_tokenizer
+from ..tuning import choose_cpu_loss_kernel
 from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
 from .config import TrainConfig, to_toml
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
@@ -197,6 +199,7 @@ class Trainer:
         self.resumed_from = find_resume(self.run_dir, resume, self.env)
         self._saved: dict[str, Any] | None = None
         seed_everything(t.seed)  # the same initial weights on every rank
+        meta: dict[str, Any] = {}
         if self.resumed_from is not None:
             meta, self._saved = ckpt.load_training_checkpoint(self.resumed_from)
             check_same_tokenizer(meta.get("tokenizer"), self.tokenizer, f"checkpoint {self.resumed_from}")
@@ -216,6 +219,8 @@ class Trainer:
                 f"train.seq_len ({t.seq_len}) is longer than the model's context ({model.config.block_size})"
             )
         self.model = model.to(self.device)
+        self.loss_kernel, self.loss_kernel_how = self._loss_kernel(meta.get("training", {}).get("cpu_loss_kernel"))
+        self.model.loss_kernel = self.loss_kernel
         c = cfg.checkpoint
         self.checkpoints = CheckpointWriter(
             self.run_dir, self.env, model.config, self.tokenizer, c.keep_last, c.keep_best, sharded=self.fsdp
@@ -247,6 +252,26 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.val_step = -1  # the step last_val was measured at
+
+    def _loss_kernel(self, saved: dict[str, Any] | None) -> tuple[CpuLossKernel | None, str]:
+        """The float32 CPU loss's chunk size and exponential (gpt2lab/losses.py): a resumed run keeps its
+        own, a new one takes what is fastest on this machine (gpt2lab/tuning.py), rank 0's on every rank.
+        None where that path is not taken (a GPU, autocast)."""
+        t = self.cfg.train
+        float32 = self.amp_dtype is None and next(self.model.parameters()).dtype == torch.float32
+        if self.device.type != "cpu" or not float32:
+            return None, ""
+        if saved:
+            return CpuLossKernel.from_dict(saved), f"kept from {self.resumed_from}"
+        mc = self.model.config
+        chosen = None
+        if self.env.is_main:
+            kernel, how = choose_cpu_loss_kernel(
+                mc.n_embd, mc.vocab_size, mc.padded_vocab_size, t.batch_size * t.seq_len
+            )
+            chosen = (kernel.to_dict(), how)
+        kernel_dict, how = D.broadcast_from_main(chosen, self.env)
+        return CpuLossKernel.from_dict(kernel_dict), how
 
     def components(self) -> dict[str, Stateful]:
         """The run's state, by component name (see gpt2lab.train.state); PER_RANK ones differ by rank."""
@@ -325,6 +350,11 @@ class Trainer:
         self.stop.install()
         bar = self._progress_bar()
         try:
+            if self.loss_kernel is not None:
+                note = f"float32 CPU loss: {self.loss_kernel}; {self.loss_kernel_how}"
+                self._log({"kind": "event", "step": c.step, "message": note})
+                if bar is not None:
+                    self._print(note)
             if self.resumed_from is not None:
                 self._log({"kind": "event", "step": c.step, "message": f"resumed from {self.resumed_from}"})
             elif self.cfg.eval.every and t.init_from:
@@ -519,6 +549,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "grad_accum": self.grad_accum,
             "parallel": self.cfg.train.parallel,
+            "cpu_loss_kernel": self.loss_kernel.to_dict() if self.loss_kernel is not None else None,
         }
         self.last_ckpt = self.checkpoints.save(step, self.components(), meta, self.writer, previous=self.last_ckpt)
 

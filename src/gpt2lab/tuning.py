@@ -1,0 +1,109 @@
+"""Choosing the float32 CPU loss kernel (gpt2lab/losses.py) by measuring it, once per machine.
+
+The fused loss is the same math whichever chunk size, exponential and block layout it uses, but which
+is fastest depends on the CPU, not only on its instruction set: with AVX-512 kernels an AMD EPYC ran
+256-token chunks and `exp2` fastest, an Intel Xeon 128-token chunks and `exp` (docs/performance.md). So the
+first float32 CPU run of a model shape times each candidate on random data of that shape (a few
+seconds), keeps the fastest, and writes it to `cpu_loss_kernels.json` in gpt2lab's cache
+($GPT2LAB_CACHE, else ~/.cache/gpt2lab). Later runs on the machine read it, so two runs with the same
+seed still compute the same bits. The key names what the timing depends on: the CPU's name, the
+kernels torch dispatches to and the ISA limits set for oneDNN and MKL, torch's version, the number
+of threads, the shape, and the revision of gpt2lab's kernels.
+
+Shapes too small for the choice to matter get the default kernel without a measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .download import cache_dir
+from .errors import GPT2LabError
+from .fileio import atomic_write_json
+from .losses import EXPONENTIALS, LAYOUTS, CpuLossKernel, linear_cross_entropy
+from .runtime import cpu_name
+
+CACHE_NAME = "cpu_loss_kernels.json"
+CHUNKS = (128, 256)
+MEASURE_TOKENS = 512  # tokens per timed call: two chunks of the largest candidate
+MIN_WORK = 2**30  # tokens x vocabulary x width below which the default kernel is used untimed
+REVISION = 1  # of the kernels in gpt2lab/losses.py: a change to them is measured afresh
+ROUNDS = 3  # calls per candidate (the first also warms up): 24 calls, 3-5 s for GPT-2's vocabulary 128 wide
+
+
+def machine_key(n_embd: int, vocab_size: int, tokens: int) -> str:
+    isa = torch.backends.cpu.get_cpu_capability()
+    limits = ",".join(f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
+    return (
+        f"loss kernels r{REVISION} | {cpu_name()} | kernels {isa} | {limits} | torch {torch.__version__} | "
+        f"{torch.get_num_threads()} threads | {tokens} tokens x {vocab_size} vocab x {n_embd} wide"
+    )
+
+
+def candidates(tokens: int) -> list[CpuLossKernel]:
+    """Every chunk size, exponential and layout; the default first, which wins a tie. A chunk larger
+    than the tokens there are is the same kernel as one of exactly their number."""
+    chunks = sorted({min(c, tokens) for c in CHUNKS}, reverse=True)
+    return [CpuLossKernel(chunk=c, exp=e, layout=lay) for lay in LAYOUTS for c in chunks for e in EXPONENTIALS]
+
+
+def measure(
+    n_embd: int, vocab_size: int, padded_vocab: int, tokens: int, rounds: int = ROUNDS
+) -> dict[CpuLossKernel, float]:
+    """Fastest seconds of one forward and backward of the loss per candidate kernel, on random data of
+    this shape. The candidates take turns, so that a machine's speed drifting affects them alike, and
+    the fastest of `rounds` calls is kept: on a shared machine other work only ever adds time."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, n_embd, generator=gen).requires_grad_()
+    w = (0.02 * torch.randn(padded_vocab, n_embd, generator=gen)).requires_grad_()
+    targets = torch.randint(0, vocab_size, (tokens,), generator=gen)
+    kernels = candidates(tokens)
+    best = dict.fromkeys(kernels, float("inf"))
+    for _ in range(rounds):
+        for k in kernels:
+            t0 = time.perf_counter()
+            linear_cross_entropy(h, w, targets, vocab_size, kernel=k).backward()
+            best[k] = min(best[k], time.perf_counter() - t0)
+            h.grad = w.grad = None
+    return best
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measured again and rewritten
+    return data if isinstance(data, dict) else {}
+
+
+def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, tokens: int) -> tuple[CpuLossKernel, str]:
+    """The kernel for float32 CPU training of this shape (`tokens` per micro-batch), and how it was
+    chosen, in words: read from the cache, measured now (then cached), or the default untimed."""
+    tokens = min(tokens, MEASURE_TOKENS)
+    if tokens * vocab_size * n_embd < MIN_WORK:
+        return CpuLossKernel(), "the default (too small a shape to time)"
+    path = cache_dir() / CACHE_NAME
+    key = machine_key(n_embd, vocab_size, tokens)
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, dict):
+        try:
+            return CpuLossKernel.from_dict(entry), f"measured earlier on this machine ({path})"
+        except GPT2LabError:  # a hand-edited or older entry: measured again
+            pass
+    timings = measure(n_embd, vocab_size, padded_vocab, tokens)
+    best = min(timings, key=timings.get)
+    data = _read_cache(path)  # again: another run may have written meanwhile
+    data[key] = {**best.to_dict(), "ms": {str(k): round(v * 1e3, 1) for k, v in timings.items()}}
+    with contextlib.suppress(OSError):  # a read-only cache: measured again next time
+        atomic_write_json(path, data)
+    default = timings.get(CpuLossKernel(chunk=min(CpuLossKernel().chunk, tokens)), timings[best])
+    return best, (
+        f"measured now: {timings[best] * 1e3:.0f} ms per {tokens}-token forward and backward, against "
+        f"{default * 1e3:.0f} ms for the default (every timing in {path})"
+    )
