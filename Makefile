@@ -40,10 +40,14 @@ chromium:
 		echo "no chromium, and no apt-get as root to install it: the playground's browser test will skip"; \
 	fi
 
-# Waiting OpenMP threads sleep instead of spinning: on a machine where other processes hold a core,
-# spinning threads make every op wait for it (docs/performance.md). An OMP_WAIT_POLICY already set wins.
+# A waiting OpenMP thread spins 10,000 times (libgomp's GOMP_SPINCOUNT; its default is 300,000), then
+# sleeps: on a machine where other processes hold a core, long spinning made every op wait for it, and
+# sleeping at once (OMP_WAIT_POLICY=PASSIVE) made a quiet machine's steps up to 35% slower
+# (docs/performance.md). An OMP_WAIT_POLICY or GOMP_SPINCOUNT already set wins.
 demo: setup
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m gpt2lab.demo
+	@if [ -z "$${OMP_WAIT_POLICY}$${GOMP_SPINCOUNT}" ]; then export GOMP_SPINCOUNT=10000; fi; \
+	echo "$(BIN)/python -m gpt2lab.demo   (GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-unset} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-unset})"; \
+	$(BIN)/python -m gpt2lab.demo
 
 test: setup chromium
 	$(BIN)/python -m pytest -q

@@ -200,8 +200,8 @@ def main() -> None:
             times.append((time.perf_counter() - t0, time.process_time() - c0))
         return times
 
-    wait = os.environ.get("OMP_WAIT_POLICY", "(unset)")
-    print(f"{cpu_name()} ({cpu_features()}), {torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait}")
+    wait = ", ".join(f"{v}={os.environ.get(v, '(unset)')}" for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+    print(f"{cpu_name()} ({cpu_features()}), {torch.get_num_threads()} threads, {wait}")
     print(f"torch {torch.__version__}")
     print(kernel_note)
     print(

@@ -47,8 +47,14 @@ CALIBRATION_STEPS = 12  # the first 4 warm up (allocations, oneDNN's kernel choi
 # the median of the other 8 (a single step on a shared 2-core VM varied from 0.26 to 0.44 s)
 CALIBRATION_WARMUP = 4
 # What the demo needs beyond its steps: two evaluations and checkpoints, the samples and the plot
-# (about 25 s in all in float32 on a 2-core AVX2 CPU: 11 s an evaluation, 2-3 s the rest).
-RESERVE_SECONDS = 30.0
+# (in float32 on 2-core CPUs with AVX2 kernels, 25 s in all on an AMD EPYC, where an evaluation took
+# 11 s, and 17 s on an Intel Xeon). Where it is more, the time limit takes it from the last steps.
+RESERVE_SECONDS = 25.0
+# The run's steps came out faster than the timed ones, by 6-14% on an AMD EPYC and 9% on an Intel Xeon
+# (the timing is the process's first training, minutes of steps warm the caches and the allocator):
+# steps are planned at this share of the timed time, and where they are slower the time limit ends
+# the run a few steps early, near the end of its schedule, where the learning rate is near min_lr.
+STEP_TIME_SCALE = 0.93
 # Of those, what comes after the last step (the final evaluation and checkpoint, the samples, the plot,
 # the interpreter's exit: 14 s there): training is given a time limit (train.max_minutes) that leaves
 # this much of the budget. With 15 s, a run that the limit ended took 5:00.2.
@@ -242,11 +248,11 @@ class Plan:
             where = f"this {device.type} device"
         precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "float16 autocast"}[dtype]
         left = max(0.0, self.budget - self.spent - RESERVE_SECONDS)
-        minutes = self.steps * self.step_time / 60  # the plan's estimate of the training time
+        minutes = self.steps * self.step_time * STEP_TIME_SCALE / 60  # the plan's estimate of the training time
         lines = [
             f"budget: {self.budget / 60:g} min in all; {self.spent:.0f} s went to starting, preparing the data "
             f"and timing steps: {self.step_time * 1000:.0f} ms per step of {self.tokens_per_step} tokens on {where}, "
-            f"{precision}"
+            f"{precision}; planned at {self.step_time * STEP_TIME_SCALE * 1000:.0f} ms, as a run's steps are faster"
         ]
         o = cfg.optim
         schedule = f"warm-up {self.warmup_steps} steps, learning rate {o.lr:g} decaying to {o.min_lr:g}"
@@ -324,10 +330,10 @@ def fit_to_budget(
     config's warm-up share.
     """
     left = budget - spent - RESERVE_SECONDS
-    # All of the time left: on a shared VM a run's steps came out up to 17% slower than the timed ones
-    # (and as often 5% faster); where they are slower, the time limit (train.max_minutes) keeps the
-    # budget by ending the run a little before its schedule does, at a learning rate near min_lr.
-    fit = int(left / step_time) if left > 0 else 0
+    # All of the time left, at the steps' expected time (STEP_TIME_SCALE); where they are slower, the
+    # time limit (train.max_minutes) keeps the budget by ending the run a little before its schedule
+    # does, at a learning rate near min_lr.
+    fit = int(left / (step_time * STEP_TIME_SCALE)) if left > 0 else 0
     o, t = cfg.optim, cfg.train
     if short is None:
         return Plan(step_time, budget, spent, t.max_steps, o.warmup_steps, t.total_batch_tokens, fit < t.max_steps)
