@@ -177,3 +177,74 @@ def test_the_kernel_changes_the_rounding_only(corpus, tmp_path, monkeypatch):
     a, b = losses.values()
     assert a != b  # not the same bits,
     assert a == pytest.approx(b, rel=1e-4)  # but the same training
+
+
+def tiny_gpt(seed=0):
+    from gpt2lab.config import GPTConfig
+    from gpt2lab.model import GPT
+
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=300)).eval()
+
+
+def packed_modules(model):
+    return [name for name, m in model.named_modules() if "packed" in m.__dict__]
+
+
+@pytest.fixture
+def fake_decode(monkeypatch):
+    """Every model counts as big enough to time; tuning.measure_decode replaced by timings in which the
+    plain weights win at batch 1 and the packed ones at other sizes. The calls are counted."""
+    calls = []
+
+    def measure(model, batch_size, rounds=tuning.DECODE_ROUNDS):
+        assert packed_modules(model)  # what is timed against the plain weights is packed already
+        calls.append(batch_size)
+        return {"packed": 0.03, "plain": 0.02} if batch_size == 1 else {"packed": 0.02, "plain": 0.03}
+
+    monkeypatch.setattr(tuning, "DECODE_MIN_BYTES", 0)
+    monkeypatch.setattr(tuning, "measure_decode", measure)
+    return calls
+
+
+def test_decoding_drops_the_packed_weights_where_the_plain_ones_are_faster(fake_decode, offline_env, monkeypatch):
+    if not tiny_gpt().pack_for_cpu_inference(4):
+        pytest.skip("this build of torch has no oneDNN packing")
+    assert fake_decode == [4]
+    model = tiny_gpt()
+    assert model.pack_for_cpu_inference(1) is False
+    assert fake_decode == [4, 1] and packed_modules(model) == []
+    assert model.pack_for_cpu_inference(1) is False and fake_decode == [4, 1]  # decided: no second timing
+
+    from gpt2lab.model import Linear
+
+    def refuse(self, batch_size):
+        raise AssertionError("packed although the cache says the plain weights are faster")
+
+    monkeypatch.setattr(Linear, "pack", refuse)
+    again = tiny_gpt(seed=1)  # another model of the same shape: the cache answers, nothing is packed
+    assert again.pack_for_cpu_inference(1) is False and fake_decode == [4, 1]
+    entries = json.loads((offline_env / "gpt2lab" / tuning.CACHE_NAME).read_text())
+    assert sorted(e["packed"] for k, e in entries.items() if k.startswith("decode")) == [False, True]
+
+
+def test_measure_decode_times_both_ways_and_puts_the_packs_back():
+    model = tiny_gpt()
+    if not model.pack_for_cpu_inference(2):
+        pytest.skip("this build of torch has no oneDNN packing")
+    before = packed_modules(model)
+    timings = tuning.measure_decode(model, 2, rounds=2)
+    assert set(timings) == {"packed", "plain"} and all(0 < t < 5 for t in timings.values())
+    assert packed_modules(model) == before
+    x = torch.randint(0, 300, (2, 5))
+    with torch.inference_mode():
+        packed = model(x)[0]
+        with model.packs_set_aside():
+            assert packed_modules(model) == []
+            plain = model(x)[0]
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_small_models_are_packed_untimed(offline_env, monkeypatch):
+    monkeypatch.setattr(tuning, "measure_decode", lambda *a, **k: pytest.fail("a tiny model was timed"))
+    assert tuning.packing_pays(tiny_gpt(), 1, measure=True) is True

@@ -11,6 +11,9 @@ Shapes: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, V = v
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,8 +65,9 @@ class Linear(nn.Linear):
 
     Decoding multiplies a few rows by every weight of the model for each new token, so it is bound by
     reading the weights. oneDNN's blocked weight layout streams them at close to the machine's memory
-    bandwidth, about 2.5x faster than MKL on nn.Linear's (out, in) matrix on a 2-core AVX-512 CPU
-    (bench/generate.py); torch.compile's CPU "freezing" mode packs weights the same way. The pack is
+    bandwidth, about 2.5x faster than MKL on nn.Linear's (out, in) matrix on a 2-core AMD EPYC (but
+    15% slower on an Intel Xeon, where GPT.pack_for_cpu_inference leaves the weights plain; see
+    bench/generate.py); torch.compile's CPU "freezing" mode packs weights the same way. The pack is
     a copy: it is used only without autograd, while the weight is unchanged since it was packed.
 
     The pack is CPU eager-mode state, invisible to torch.compile: compiled code never reads it, and
@@ -167,6 +171,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self._packed_batch: int | None = None  # see pack_for_cpu_inference
+        self._plain_batch: int | None = None  # the batch size packing was measured not to pay for
         # The float32 CPU loss's chunk and exponential (losses.CpuLossKernel); the trainer sets it.
         self.loss_kernel: CpuLossKernel | None = None
         V = config.padded_vocab_size
@@ -230,6 +235,10 @@ class GPT(nn.Module):
         Costs one extra copy of the weights in memory while packed; `train()` drops them. Packing is
         skipped where oneDNN is not available, for dtypes other than float32 / bfloat16, and off CPU;
         there, a model that was never packed is left untouched (a compiled training graph guards on it).
+        It is also skipped where it does not pay: on an Intel Xeon, MKL's products with the plain
+        weights decoded GPT-2 faster than oneDNN's packed ones, on an AMD EPYC 2.5x slower. For a model
+        of 64 MB of weights or more the first call times both once (tuning.packing_pays) and the
+        choice is kept in gpt2lab's cache; smaller models are packed untimed.
         """
         usable = (
             batch_size is not None
@@ -245,6 +254,13 @@ class GPT(nn.Module):
                 m.unpack()
             self._packed_batch = None
             return False
+        from .tuning import packing_pays  # measured once per machine and model shape (gpt2lab/tuning.py)
+
+        if self._plain_batch == batch_size or packing_pays(self, batch_size, measure=False) is False:
+            for m in linears:  # the plain weights decode faster on this machine
+                m.unpack()
+            self._packed_batch, self._plain_batch = None, batch_size
+            return False
         stale = any(m.packed is None or (m.weight.data_ptr(), m.weight._version) != m._packed_for for m in linears)
         if stale or batch_size != self._packed_batch:
             try:
@@ -256,7 +272,23 @@ class GPT(nn.Module):
                 self._packed_batch = None
                 return False
             self._packed_batch = batch_size
+            if not packing_pays(self, batch_size, measure=True):
+                for m in linears:
+                    m.unpack()
+                self._packed_batch, self._plain_batch = None, batch_size
+                return False
         return True
+
+    @contextlib.contextmanager
+    def packs_set_aside(self) -> Iterator[None]:
+        """The plain weights for a while, the packed copies kept aside (to time one against the other)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and "packed" in m.__dict__]
+        saved = [m.__dict__.pop("packed") for m in linears]
+        try:
+            yield
+        finally:
+            for m, packed in zip(linears, saved):
+                m.packed = packed
 
     def train(self, mode: bool = True) -> GPT:
         if mode and self._packed_batch is not None:

@@ -1,16 +1,23 @@
-"""Choosing the float32 CPU loss kernel (gpt2lab/losses.py) by measuring it, once per machine.
+"""Choosing CPU kernels by measuring them once per machine: the float32 loss kernel (gpt2lab/losses.py),
+and whether decoding reads oneDNN-packed weights (GPT.pack_for_cpu_inference).
 
 The fused loss is the same math whichever chunk size, exponential and block layout it uses, but which
 is fastest depends on the CPU, not only on its instruction set: with AVX-512 kernels an AMD EPYC ran
 256-token chunks and `exp2` fastest, an Intel Xeon 128-token chunks and `exp` (docs/performance.md). So the
 first float32 CPU run of a model shape times each candidate on random data of that shape (a few
-seconds), keeps the fastest, and writes it to `cpu_loss_kernels.json` in gpt2lab's cache
+seconds), keeps the fastest, and writes it to `cpu_kernels.json` in gpt2lab's cache
 ($GPT2LAB_CACHE, else ~/.cache/gpt2lab). Later runs on the machine read it, so two runs with the same
 seed still compute the same bits. The key names what the timing depends on: the CPU's name, the
 kernels torch dispatches to and the ISA limits set for oneDNN and MKL, torch's version, the number
 of threads, the shape, and the revision of gpt2lab's kernels.
 
-Shapes too small for the choice to matter get the default kernel without a measurement.
+Decoding at small batches is bound by reading the weights. oneDNN's packed layout read them 2.5x
+faster than MKL's products with nn.Linear's weights on an AMD EPYC, and 15% slower on an Intel Xeon,
+so the first generation with a model of a given shape and batch size times a decoding step both ways
+and keeps the answer in the same file.
+
+Shapes too small for a choice to matter get the default (the default loss kernel; packed weights)
+without a measurement.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from .fileio import atomic_write_json
 from .losses import EXPONENTIALS, LAYOUTS, CpuLossKernel, linear_cross_entropy
 from .runtime import cpu_name
 
-CACHE_NAME = "cpu_loss_kernels.json"
+CACHE_NAME = "cpu_kernels.json"
 CHUNKS = (128, 256)
 MEASURE_TOKENS = 512  # tokens per timed call: two chunks of the largest candidate
 MIN_WORK = 2**30  # tokens x vocabulary x width below which the default kernel is used untimed
@@ -107,3 +114,66 @@ def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, toke
         f"measured now: {timings[best] * 1e3:.0f} ms per {tokens}-token forward and backward, against "
         f"{default * 1e3:.0f} ms for the default (every timing in {path})"
     )
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+DECODE_MIN_BYTES = 64 * 2**20  # weights below which packing is kept untimed (tests' tiny models)
+DECODE_CONTEXT = 32  # tokens before the timed one
+DECODE_ROUNDS = 3
+
+
+def decode_key(model: torch.nn.Module, batch_size: int) -> str:
+    c = model.config
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    return (
+        f"decode r{REVISION} | {cpu_name()} | kernels {torch.backends.cpu.get_cpu_capability()} | "
+        + ",".join(f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
+        + f" | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype} | "
+        f"{c.n_layer} layers x {c.n_embd} wide, vocab {c.padded_vocab_size} | batch {batch_size}"
+    )
+
+
+def measure_decode(model: torch.nn.Module, batch_size: int, rounds: int = DECODE_ROUNDS) -> dict[str, float]:
+    """Fastest seconds of one decoding step (a token per row after DECODE_CONTEXT cached ones) with the
+    packed weights and with the plain ones, taking turns. The model must be packed."""
+    from .model import KVCache
+
+    c = model.config
+    ctx = min(DECODE_CONTEXT, c.block_size - 1)
+    cache = KVCache(c, batch_size, ctx + 1, device="cpu", dtype=model.lm_head.weight.dtype)
+    idx = torch.zeros(batch_size, 1, dtype=torch.long)
+    best = {"packed": float("inf"), "plain": float("inf")}
+    with torch.inference_mode():
+        model(torch.zeros(batch_size, ctx, dtype=torch.long), cache=cache, last_only=True)
+        for _ in range(rounds):
+            for way in best:
+                with model.packs_set_aside() if way == "plain" else contextlib.nullcontext():
+                    cache.pos = ctx
+                    t0 = time.perf_counter()
+                    model(idx, cache=cache, last_only=True)
+                    best[way] = min(best[way], time.perf_counter() - t0)
+    return best
+
+
+def packing_pays(model: torch.nn.Module, batch_size: int, measure: bool) -> bool | None:
+    """Whether decoding with oneDNN-packed weights is faster on this machine than with the plain ones:
+    True for models under DECODE_MIN_BYTES of weights, else what the cache says; where it says nothing,
+    None, or with `measure` (the model packed already) a measurement, which is then cached."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weights < DECODE_MIN_BYTES:
+        return True
+    path = cache_dir() / CACHE_NAME
+    key = decode_key(model, batch_size)
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("packed"), bool):
+        return entry["packed"]
+    if not measure:
+        return None
+    timings = measure_decode(model, batch_size)
+    pays = timings["packed"] < timings["plain"]
+    data = _read_cache(path)
+    data[key] = {"packed": pays, "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}}
+    with contextlib.suppress(OSError):
+        atomic_write_json(path, data)
+    return pays
