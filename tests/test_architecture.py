@@ -24,6 +24,7 @@ LAYERS = {
         "gpt2lab.losses",
         "gpt2lab.runtime",
         "gpt2lab.tokenizer",
+        "gpt2lab.tuning",
     ),
     "config": ("gpt2lab.config",),
     "model": ("gpt2lab.model",),
@@ -131,7 +132,11 @@ def test_imports_run_down_the_layers():
 
 def test_the_model_imports_no_training_evaluation_or_cli_code():
     _, imported = imports_of("gpt2lab.model")
-    assert sorted(i for i in imported if i.startswith("gpt2lab")) == ["gpt2lab.config", "gpt2lab.losses"]
+    assert sorted(i for i in imported if i.startswith("gpt2lab")) == [
+        "gpt2lab.config",
+        "gpt2lab.losses",
+        "gpt2lab.tuning",
+    ]
 
 
 def loaded_by(name: str) -> set[str]:

@@ -193,17 +193,19 @@ def packed_modules(model):
 
 @pytest.fixture
 def fake_decode(monkeypatch):
-    """Every model counts as big enough to time; tuning.measure_decode replaced by timings in which the
+    """Every model counts as big enough to time; GPT.time_decode_step replaced by timings in which the
     plain weights win at batch 1 and the packed ones at other sizes. The calls are counted."""
+    from gpt2lab.model import GPT
+
     calls = []
 
-    def measure(model, batch_size, rounds=tuning.DECODE_ROUNDS):
-        assert packed_modules(model)  # what is timed against the plain weights is packed already
+    def timed(self, batch_size, rounds=3, context=32):
+        assert packed_modules(self)  # what is timed against the plain weights is packed already
         calls.append(batch_size)
         return {"packed": 0.03, "plain": 0.02} if batch_size == 1 else {"packed": 0.02, "plain": 0.03}
 
     monkeypatch.setattr(tuning, "DECODE_MIN_BYTES", 0)
-    monkeypatch.setattr(tuning, "measure_decode", measure)
+    monkeypatch.setattr(GPT, "time_decode_step", timed)
     return calls
 
 
@@ -228,12 +230,12 @@ def test_decoding_drops_the_packed_weights_where_the_plain_ones_are_faster(fake_
     assert sorted(e["packed"] for k, e in entries.items() if k.startswith("decode")) == [False, True]
 
 
-def test_measure_decode_times_both_ways_and_puts_the_packs_back():
+def test_a_decoding_step_is_timed_both_ways_and_the_packs_are_put_back():
     model = tiny_gpt()
     if not model.pack_for_cpu_inference(2):
         pytest.skip("this build of torch has no oneDNN packing")
     before = packed_modules(model)
-    timings = tuning.measure_decode(model, 2, rounds=2)
+    timings = model.time_decode_step(2, rounds=2)
     assert set(timings) == {"packed", "plain"} and all(0 < t < 5 for t in timings.values())
     assert packed_modules(model) == before
     x = torch.randint(0, 300, (2, 5))
@@ -245,6 +247,9 @@ def test_measure_decode_times_both_ways_and_puts_the_packs_back():
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_small_models_are_packed_untimed(offline_env, monkeypatch):
-    monkeypatch.setattr(tuning, "measure_decode", lambda *a, **k: pytest.fail("a tiny model was timed"))
-    assert tuning.packing_pays(tiny_gpt(), 1, measure=True) is True
+def test_small_models_are_packed_untimed(offline_env):
+    def refuse():
+        raise AssertionError("a tiny model was timed")
+
+    assert tuning.packing_pays("float32 | 2 layers x 32 wide, vocab 300", 10**6, 1, refuse) is True
+    assert not (offline_env / "gpt2lab" / tuning.CACHE_NAME).exists()

@@ -12,6 +12,7 @@ Shapes: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, V = v
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .losses import CpuLossKernel, linear_cross_entropy
+from .tuning import packing_pays
 
 
 class KVCache:
@@ -237,8 +239,8 @@ class GPT(nn.Module):
         there, a model that was never packed is left untouched (a compiled training graph guards on it).
         It is also skipped where it does not pay: on an Intel Xeon, MKL's products with the plain
         weights decoded GPT-2 faster than oneDNN's packed ones, on an AMD EPYC 2.5x slower. For a model
-        of 64 MB of weights or more the first call times both once (tuning.packing_pays) and the
-        choice is kept in gpt2lab's cache; smaller models are packed untimed.
+        of 64 MB of weights or more the first call times both once (time_decode_step) and the choice is
+        kept in gpt2lab's cache (tuning.packing_pays); smaller models are packed untimed.
         """
         usable = (
             batch_size is not None
@@ -254,9 +256,9 @@ class GPT(nn.Module):
                 m.unpack()
             self._packed_batch = None
             return False
-        from .tuning import packing_pays  # measured once per machine and model shape (gpt2lab/tuning.py)
-
-        if self._plain_batch == batch_size or packing_pays(self, batch_size, measure=False) is False:
+        shape = self._decode_shape()
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        if self._plain_batch == batch_size or packing_pays(shape, weight_bytes, batch_size, None) is False:
             for m in linears:  # the plain weights decode faster on this machine
                 m.unpack()
             self._packed_batch, self._plain_batch = None, batch_size
@@ -272,12 +274,35 @@ class GPT(nn.Module):
                 self._packed_batch = None
                 return False
             self._packed_batch = batch_size
-            if not packing_pays(self, batch_size, measure=True):
+            if not packing_pays(shape, weight_bytes, batch_size, lambda: self.time_decode_step(batch_size)):
                 for m in linears:
                     m.unpack()
                 self._packed_batch, self._plain_batch = None, batch_size
                 return False
         return True
+
+    def _decode_shape(self) -> str:
+        c = self.config
+        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        return f"{dtype} | {c.n_layer} layers x {c.n_embd} wide, vocab {c.padded_vocab_size}"
+
+    @torch.inference_mode()
+    def time_decode_step(self, batch_size: int, rounds: int = 3, context: int = 32) -> dict[str, float]:
+        """Fastest seconds of one decoding step (a token per row after `context` cached ones) with the
+        packed weights and with the plain ones, taking turns. The model must be packed."""
+        ctx = min(context, self.config.block_size - 1)
+        cache = KVCache(self.config, batch_size, ctx + 1, device=self.device, dtype=self.lm_head.weight.dtype)
+        idx = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self(torch.zeros(batch_size, ctx, dtype=torch.long, device=self.device), cache=cache, last_only=True)
+        best = {"packed": float("inf"), "plain": float("inf")}
+        for _ in range(rounds):
+            for way in best:
+                with self.packs_set_aside() if way == "plain" else contextlib.nullcontext():
+                    cache.pos = ctx
+                    t0 = time.perf_counter()
+                    self(idx, cache=cache, last_only=True)
+                    best[way] = min(best[way], time.perf_counter() - t0)
+        return best
 
     @contextlib.contextmanager
     def packs_set_aside(self) -> Iterator[None]:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,58 +128,33 @@ def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, toke
 # ------------------------------------------------------------------------------------------ decoding
 
 DECODE_MIN_BYTES = 64 * 2**20  # weights below which packing is kept untimed (tests' tiny models)
-DECODE_CONTEXT = 32  # tokens before the timed one
-DECODE_ROUNDS = 3
 
 
-def decode_key(model: torch.nn.Module, batch_size: int) -> str:
-    c = model.config
-    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+def decode_key(shape: str, batch_size: int) -> str:
+    limits = ",".join(f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
     return (
-        f"decode r{REVISION} | {cpu_name()} | kernels {torch.backends.cpu.get_cpu_capability()} | "
-        + ",".join(f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
-        + f" | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype} | "
-        f"{c.n_layer} layers x {c.n_embd} wide, vocab {c.padded_vocab_size} | batch {batch_size}"
+        f"decode r{REVISION} | {cpu_name()} | kernels {torch.backends.cpu.get_cpu_capability()} | {limits} | "
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads | {shape} | batch {batch_size}"
     )
 
 
-def measure_decode(model: torch.nn.Module, batch_size: int, rounds: int = DECODE_ROUNDS) -> dict[str, float]:
-    """Fastest seconds of one decoding step (a token per row after DECODE_CONTEXT cached ones) with the
-    packed weights and with the plain ones, taking turns. The model must be packed."""
-    from .model import KVCache
-
-    c = model.config
-    ctx = min(DECODE_CONTEXT, c.block_size - 1)
-    cache = KVCache(c, batch_size, ctx + 1, device="cpu", dtype=model.lm_head.weight.dtype)
-    idx = torch.zeros(batch_size, 1, dtype=torch.long)
-    best = {"packed": float("inf"), "plain": float("inf")}
-    with torch.inference_mode():
-        model(torch.zeros(batch_size, ctx, dtype=torch.long), cache=cache, last_only=True)
-        for _ in range(rounds):
-            for way in best:
-                with model.packs_set_aside() if way == "plain" else contextlib.nullcontext():
-                    cache.pos = ctx
-                    t0 = time.perf_counter()
-                    model(idx, cache=cache, last_only=True)
-                    best[way] = min(best[way], time.perf_counter() - t0)
-    return best
-
-
-def packing_pays(model: torch.nn.Module, batch_size: int, measure: bool) -> bool | None:
-    """Whether decoding with oneDNN-packed weights is faster on this machine than with the plain ones:
-    True for models under DECODE_MIN_BYTES of weights, else what the cache says; where it says nothing,
-    None, or with `measure` (the model packed already) a measurement, which is then cached."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if weights < DECODE_MIN_BYTES:
+def packing_pays(
+    shape: str, weight_bytes: int, batch_size: int, measure: Callable[[], dict[str, float]] | None
+) -> bool | None:
+    """Whether decoding with oneDNN-packed weights is faster on this machine than with the plain ones,
+    for a model described by `shape` (its sizes and dtype) at `batch_size`: True under DECODE_MIN_BYTES
+    of weights, else what the cache says; where it says nothing, None, or with `measure` (seconds of a
+    decoding step, {"packed": s, "plain": s}) the measured answer, which is then cached."""
+    if weight_bytes < DECODE_MIN_BYTES:
         return True
     path = cache_dir() / CACHE_NAME
-    key = decode_key(model, batch_size)
+    key = decode_key(shape, batch_size)
     entry = _read_cache(path).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("packed"), bool):
         return entry["packed"]
-    if not measure:
+    if measure is None:
         return None
-    timings = measure_decode(model, batch_size)
+    timings = measure()
     pays = timings["packed"] < timings["plain"]
     data = _read_cache(path)
     data[key] = {"packed": pays, "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}}
