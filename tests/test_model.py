@@ -137,11 +137,15 @@ def test_packed_weights_never_go_stale_and_train_drops_them():
     idx = torch.randint(0, 40, (1, 8))
     packs = model.pack_for_cpu_inference(1)  # where oneDNN declines, all below runs on plain weights
     with torch.no_grad():
+        before, _ = model(idx)
         model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an optimizer step would do the same
         changed, _ = model(idx)
         model.pack_for_cpu_inference(None)
         expected, _ = model(idx)
-    torch.testing.assert_close(changed, expected, rtol=0, atol=0)
+    # The other layers still run packed in `changed`: oneDNN's products round differently from MKL's on
+    # some CPUs (an Intel Xeon with AVX2 kernels), so equal to float32 rounding, and far from a stale pack.
+    torch.testing.assert_close(changed, expected, rtol=1e-5, atol=1e-6)
+    assert (before - expected).abs().max() > 1e-3
     assert model.pack_for_cpu_inference(1) == packs
     assert (model.transformer.h[0].mlp.c_fc.packed is not None) == packs
     model.train()
