@@ -259,10 +259,7 @@ class GPT(nn.Module):
         shape = self._decode_shape()
         weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
         if self._plain_batch == batch_size or packing_pays(shape, weight_bytes, batch_size, None) is False:
-            for m in linears:  # the plain weights decode faster on this machine
-                m.unpack()
-            self._packed_batch, self._plain_batch = None, batch_size
-            return False
+            return self._keep_plain(linears, batch_size)  # the plain weights decode faster on this machine
         stale = any(m.packed is None or (m.weight.data_ptr(), m.weight._version) != m._packed_for for m in linears)
         if stale or batch_size != self._packed_batch:
             try:
@@ -275,11 +272,14 @@ class GPT(nn.Module):
                 return False
             self._packed_batch = batch_size
             if not packing_pays(shape, weight_bytes, batch_size, lambda: self.time_decode_step(batch_size)):
-                for m in linears:
-                    m.unpack()
-                self._packed_batch, self._plain_batch = None, batch_size
-                return False
+                return self._keep_plain(linears, batch_size)
         return True
+
+    def _keep_plain(self, linears: list[Linear], batch_size: int) -> bool:
+        for m in linears:
+            m.unpack()
+        self._packed_batch, self._plain_batch = None, batch_size
+        return False
 
     def _decode_shape(self) -> str:
         c = self.config

@@ -46,13 +46,18 @@ ROUNDS = 4  # more calls of each finalist: 28 calls in all, 3-5 s for GPT-2's vo
 FINALISTS = 3
 
 
-def machine_key(n_embd: int, vocab_size: int, tokens: int) -> str:
-    isa = torch.backends.cpu.get_cpu_capability()
+def _machine() -> str:
+    """What a timing depends on besides the shape: the CPU, the kernels torch dispatches to and the ISA
+    limits set for oneDNN and MKL, torch's version and its threads."""
     limits = ",".join(f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
     return (
-        f"loss kernels r{REVISION} | {cpu_name()} | kernels {isa} | {limits} | torch {torch.__version__} | "
-        f"{torch.get_num_threads()} threads | {tokens} tokens x {vocab_size} vocab x {n_embd} wide"
+        f"{cpu_name()} | kernels {torch.backends.cpu.get_cpu_capability()} | {limits} | torch {torch.__version__} | "
+        f"{torch.get_num_threads()} threads"
     )
+
+
+def machine_key(n_embd: int, vocab_size: int, tokens: int) -> str:
+    return f"loss kernels r{REVISION} | {_machine()} | {tokens} tokens x {vocab_size} vocab x {n_embd} wide"
 
 
 def candidates(tokens: int) -> list[CpuLossKernel]:
@@ -98,6 +103,15 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _remember(path: Path, key: str, entry: dict) -> None:
+    """Add `entry` under `key`, keeping what other runs wrote meanwhile; a read-only cache is measured
+    again next time."""
+    data = _read_cache(path)
+    data[key] = entry
+    with contextlib.suppress(OSError):
+        atomic_write_json(path, data)
+
+
 def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, tokens: int) -> tuple[CpuLossKernel, str]:
     """The kernel for float32 CPU training of this shape (`tokens` per micro-batch), and how it was
     chosen, in words: read from the cache, measured now (then cached), or the default untimed."""
@@ -114,10 +128,7 @@ def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, toke
             pass
     timings = measure(n_embd, vocab_size, padded_vocab, tokens)
     best = min(timings, key=timings.get)
-    data = _read_cache(path)  # again: another run may have written meanwhile
-    data[key] = {**best.to_dict(), "ms": {str(k): round(v * 1e3, 1) for k, v in timings.items()}}
-    with contextlib.suppress(OSError):  # a read-only cache: measured again next time
-        atomic_write_json(path, data)
+    _remember(path, key, {**best.to_dict(), "ms": {str(k): round(v * 1e3, 1) for k, v in timings.items()}})
     default = timings.get(CpuLossKernel(chunk=min(CpuLossKernel().chunk, tokens)), timings[best])
     return best, (
         f"measured now: {timings[best] * 1e3:.0f} ms per {tokens}-token forward and backward, against "
@@ -131,11 +142,7 @@ DECODE_MIN_BYTES = 64 * 2**20  # weights below which packing is kept untimed (te
 
 
 def decode_key(shape: str, batch_size: int) -> str:
-    limits = ",".join(f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
-    return (
-        f"decode r{REVISION} | {cpu_name()} | kernels {torch.backends.cpu.get_cpu_capability()} | {limits} | "
-        f"torch {torch.__version__} | {torch.get_num_threads()} threads | {shape} | batch {batch_size}"
-    )
+    return f"decode r{REVISION} | {_machine()} | {shape} | batch {batch_size}"
 
 
 def packing_pays(
@@ -156,8 +163,5 @@ def packing_pays(
         return None
     timings = measure()
     pays = timings["packed"] < timings["plain"]
-    data = _read_cache(path)
-    data[key] = {"packed": pays, "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}}
-    with contextlib.suppress(OSError):
-        atomic_write_json(path, data)
+    _remember(path, key, {"packed": pays, "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}})
     return pays
