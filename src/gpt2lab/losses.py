@@ -280,16 +280,15 @@ def linear_cross_entropy(
     """Mean cross-entropy of `hidden @ weight.T` (logits over the first `vocab_size` rows) against targets.
 
     hidden: (N, C). weight: (V_padded, C), rows past vocab_size are padding. targets: (N,) token ids,
-    -1 where no loss is wanted. kernel: the float32 CPU path's chunk and exponential (default
+    -1 where no loss is wanted. kernel: the float32 CPU path's chunk, exponential and layout (default
     CpuLossKernel()); `chunk` overrides its chunk, and is the only choice on other paths. Returns a
     scalar float32 tensor, equal (up to rounding) to
     F.cross_entropy((hidden @ weight.T)[:, :vocab_size], targets, ignore_index=-1).
     """
     device = hidden.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-    if kernel is not None and device.type == "cpu":
-        chunk = chunk or kernel.chunk
     k = kernel or CpuLossKernel()
+    chunk = chunk or (k.chunk if device.type == "cpu" else default_chunk(device))
     with torch.autocast(device_type=device.type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden,
@@ -297,7 +296,7 @@ def linear_cross_entropy(
             targets,
             vocab_size,
             dtype,
-            chunk or default_chunk(device),
+            chunk,
             k.exp == "exp2",
             k.layout == "token-major",
         )

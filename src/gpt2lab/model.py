@@ -256,12 +256,15 @@ class GPT(nn.Module):
                 m.unpack()
             self._packed_batch = None
             return False
-        shape = self._decode_shape()
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        if self._plain_batch == batch_size or packing_pays(shape, weight_bytes, batch_size, None) is False:
-            return self._keep_plain(linears, batch_size)  # the plain weights decode faster on this machine
+        if self._plain_batch == batch_size:  # measured: the plain weights decode faster on this machine
+            return self._keep_plain(linears, batch_size)
         stale = any(m.packed is None or (m.weight.data_ptr(), m.weight._version) != m._packed_for for m in linears)
         if stale or batch_size != self._packed_batch:
+            # Only when (re)packing: the machine's answer, from gpt2lab's cache or else timed once packed.
+            shape = self._decode_shape()
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+            if packing_pays(shape, weight_bytes, batch_size, None) is False:
+                return self._keep_plain(linears, batch_size)
             try:
                 for m in linears:
                     m.pack(batch_size)

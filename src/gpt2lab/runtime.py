@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import platform
 import random
@@ -114,8 +115,9 @@ def _unb64(s: str) -> torch.Tensor:
 CPU_BF16_ENV = "GPT2LAB_CPU_BF16"
 
 
+@functools.cache
 def cpu_name() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it (else what `platform` knows)."""
+    """The CPU's model name, as /proc/cpuinfo gives it (else what `platform` knows); read once."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
