@@ -8,7 +8,12 @@
 All three get the `configs/shakespeare-cpu.toml` shape and the same starting weights and run the same
 loop: the schedule's learning rate, gradient accumulation to the config's total batch, clipping at 1.0,
 float32 unless --precision says otherwise. They alternate in blocks of steps; the median step time is
-reported, with the ratio of gpt2lab's tokens/s to each peer's. The machine's own float32 GEMM rate
+reported, with the ratio of gpt2lab's tokens/s to each peer's. Where the C library is glibc, each model
+also runs both with malloc's defaults and with freed memory kept for reuse (what gpt2lab's trainer sets
+on CPU, `gpt2lab.runtime.keep_freed_memory`): by default every tensor over 32 MB, such as the plain
+model's (1024 x 50304) logits, is a fresh mmap faulted in page by page, which on some VMs costs the
+plain model half its step. The ratios are printed like for like under each setting, and as each runs
+out of the box (gpt2lab's memory kept, the peers' malloc as PyTorch leaves it). The machine's own float32 GEMM rate
 (a 2048^3 matmul, best of several) is measured in the same run, and each model's training FLOP/s
 (6 x parameters + attention, per token) is printed as a fraction of it.
 
@@ -127,7 +132,7 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt2lab.hf import state_dict_to_hf
-    from gpt2lab.runtime import autocast_dtype
+    from gpt2lab.runtime import autocast_dtype, keep_freed_memory
     from gpt2lab.train.build import fresh_model
     from gpt2lab.train.config import load_train_config
     from gpt2lab.train.loop import gradient_accumulation
@@ -181,10 +186,13 @@ def main() -> None:
         opt = plain.optimizer(cfg.optim.lr, cfg.optim.weight_decay) if model is plain else None
         runners[name] = (model, loss_fn, opt or build_optimizer(model, cfg.optim, device), [0])
 
-    def run_block(name: str) -> list[tuple[float, float]]:
+    def run_block(name: str, memory: str = "kept") -> list[tuple[float, float]]:
+        keep_freed_memory(memory == "kept")  # glibc's malloc as gpt2lab's trainer sets it, or its default
         model, loss_fn, opt, step = runners[name]
         times = []
-        for _ in range(args.steps):
+        # With memory kept, the block's first step maps what the steps after it reuse (the switch back to
+        # the default gave it to the OS): it is not timed, as a trainer's steps after its first are.
+        for i in range(args.steps + (memory == "kept")):
             t0, c0 = time.perf_counter(), time.process_time()
             set_lr(opt, lr_at(step[0], cfg.optim, cfg.train.max_steps))
             for micro in range(accum):
@@ -197,7 +205,8 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step[0] += 1
-            times.append((time.perf_counter() - t0, time.process_time() - c0))
+            if memory != "kept" or i > 0:
+                times.append((time.perf_counter() - t0, time.process_time() - c0))
         return times
 
     wait = ", ".join(f"{v}={os.environ.get(v, '(unset)')}" for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
@@ -212,34 +221,49 @@ def main() -> None:
         x, y = batches[0]
         losses = {"gpt2lab": ours_loss(x, y), "plain": plain(x, y), "transformers": hf_loss(x, y)}
         print("starting loss: " + ", ".join(f"{k} {v.item():.5f}" for k, v in losses.items()))
-    for name in runners:  # warm-up: first-call allocations and oneDNN kernel selection
-        run_block(name)
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    # Each model under both settings of glibc's malloc where there is one (gpt2lab.runtime.keep_freed_memory):
+    # as PyTorch leaves it, every large tensor a fresh mmap faulted in page by page, and with freed memory
+    # kept for reuse, as gpt2lab's trainer sets it on CPU.
+    memories = ("default", "kept") if keep_freed_memory() else ("default",)
+    rows = [(name, memory) for name in runners for memory in memories]
+    for row in rows:  # warm-up: first-call allocations and oneDNN kernel selection
+        run_block(*row)
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {row: [] for row in rows}
     for _ in range(args.rounds):
-        for name in runners:
-            times[name] += run_block(name)
+        for row in rows:
+            times[row] += run_block(*row)
+    keep_freed_memory(False)
     # Wall time is what a user waits; CPU time (all threads) is steadier on a machine shared with other
     # jobs, where a process that waits for a core accrues wall time but no CPU time.
-    wall = {name: statistics.median(w for w, _ in t) for name, t in times.items()}
-    cpu = {name: statistics.median(c for _, c in t) for name, t in times.items()}
+    wall = {row: statistics.median(w for w, _ in t) for row, t in times.items()}
+    cpu = {row: statistics.median(c for _, c in t) for row, t in times.items()}
     tokens = cfg.train.total_batch_tokens
     peak = gemm_gflops()
     flops = ours.estimate_flops_per_token(T)  # the same model for all three: the same useful work
     print(f"float32 GEMM (2048^3) on this machine: {peak:.0f} GFLOP/s; training: {flops / 1e6:.1f} MFLOP/token")
-    print(f"{'':14}{'steps/s':>9}{'tokens/s':>10}{'wall s/step':>13}{'CPU s/step':>12}{'of GEMM':>9}")
-    for name in runners:
-        frac = tokens / wall[name] * flops / 1e9 / peak
+    print(
+        f"{'':14}{'malloc':>10}{'steps/s':>9}{'tokens/s':>10}{'wall s/step':>13}{'CPU s/step':>12}{'of GEMM':>9}"
+    )
+    for name, memory in rows:
+        w = wall[name, memory]
         print(
-            f"{name:14}{1 / wall[name]:9.3f}{tokens / wall[name]:10.0f}{wall[name]:13.3f}{cpu[name]:12.3f}"
-            f"{frac:9.0%}"
+            f"{name:14}{memory:>10}{1 / w:9.3f}{tokens / w:10.0f}{w:13.3f}{cpu[name, memory]:12.3f}"
+            f"{tokens / w * flops / 1e9 / peak:9.0%}"
         )
-    for peer in ("plain", "transformers"):
-        print(
-            f"ratio gpt2lab / {peer}: {wall[peer] / wall['gpt2lab']:.2f}x tokens/s (wall), "
-            f"{cpu[peer] / cpu['gpt2lab']:.2f}x (CPU time)"
-        )
+    # Like for like under each malloc setting; then as each runs out of the box, where glibc's malloc
+    # is there to set: gpt2lab's trainer keeps freed memory, the peers' loops leave malloc as it is.
+    pairs = [(f"malloc {m}", ("gpt2lab", m), m) for m in memories]
+    if "kept" in memories:
+        pairs.append(("out of the box (gpt2lab kept, peer default)", ("gpt2lab", "kept"), "default"))
+    for label, ours_row, peer_memory in pairs:
+        for peer in ("plain", "transformers"):
+            theirs = (peer, peer_memory)
+            print(
+                f"ratio gpt2lab / {peer}, {label}: {wall[theirs] / wall[ours_row]:.2f}x tokens/s (wall), "
+                f"{cpu[theirs] / cpu[ours_row]:.2f}x (CPU time)"
+            )
     if args.profile:
-        profile_step(run_block, "gpt2lab")
+        profile_step(run_block, "gpt2lab")  # with freed memory kept where it can be
 
 
 PHASES = (

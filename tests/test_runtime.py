@@ -103,3 +103,64 @@ def test_autocast_is_a_no_op_without_a_dtype():
     with autocast(CPU, torch.bfloat16):
         assert (a @ b).dtype == torch.bfloat16
     assert (a @ b).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ keeping freed memory (glibc malloc)
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from gpt2lab.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] in ("keep", "undo") else False
+
+def faults():  # page faults of allocating, writing and freeing a 64 MB tensor 5 times
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        t = torch.empty(16 * 2**20)
+        t.fill_(1.0)
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+for _ in range(3):  # the heap settles in the first rounds
+    faults()
+if sys.argv[1] == "undo":
+    kept = not keep_freed_memory(False)
+print(kept, faults())
+"""
+PAGES_64MB = 64 * 2**20 // 4096
+
+
+def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[bool, int]:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    ).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_them_in_again():
+    from gpt2lab.runtime import _glibc
+
+    if _glibc() is None:
+        pytest.skip("the C library is not glibc: keep_freed_memory does nothing")
+    kept, faults = _faults("keep", {"GPT2LAB_KEEP_FREED_MEMORY": ""})
+    assert kept and faults < PAGES_64MB // 4  # the 64 MB come from memory already mapped
+    plain_kept, plain = _faults("default")
+    assert not plain_kept and plain >= 4 * PAGES_64MB  # glibc's default: an mmap, faulted in, each time
+    off_kept, off = _faults("keep", {"GPT2LAB_KEEP_FREED_MEMORY": "0"})
+    assert not off_kept and off >= 4 * PAGES_64MB  # the variable turns it off
+
+
+def test_keep_freed_memory_can_be_undone():
+    from gpt2lab.runtime import _glibc
+
+    if _glibc() is None:
+        pytest.skip("the C library is not glibc: keep_freed_memory does nothing")
+    kept, faults = _faults("undo", {"GPT2LAB_KEEP_FREED_MEMORY": ""})
+    assert not kept and faults >= 4 * PAGES_64MB  # mmapped and faulted in again, as by default

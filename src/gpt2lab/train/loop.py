@@ -49,6 +49,7 @@ from ..runtime import (
     autocast_dtype,
     deterministic,
     deterministic_cublas,
+    keep_freed_memory,
     needs_grad_scaler,
     seed_everything,
 )
@@ -176,6 +177,9 @@ class Trainer:
         if self.device.type == "cuda":
             # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
             torch.set_float32_matmul_precision("high")
+        # On a CPU, a step's large tensors (the loss's blocks of logits, the gradients) reuse the memory
+        # of the step before instead of page-faulting in fresh mmaps (runtime.keep_freed_memory).
+        self.memory_kept = self.device.type == "cpu" and keep_freed_memory()
         self.tokenizer = data_tokenizer_or_gpt2(cfg.data.dir)
         # A thread cuts the next batches while the device computes; pinned, they copy without blocking.
         self.loader = PrefetchLoader(
@@ -350,6 +354,9 @@ class Trainer:
         self.stop.install()
         bar = self._progress_bar()
         try:
+            if self.memory_kept:
+                note = "CPU memory: freed memory is kept for the next steps (glibc malloc without mmap)"
+                self._log({"kind": "event", "step": c.step, "message": note})
             if self.loss_kernel is not None:
                 note = f"float32 CPU loss: {self.loss_kernel}; {self.loss_kernel_how}"
                 self._log({"kind": "event", "step": c.step, "message": note})
