@@ -50,11 +50,12 @@ CALIBRATION_WARMUP = 4
 # (in float32 on 2-core CPUs with AVX2 kernels, 25 s in all on an AMD EPYC, where an evaluation took
 # 11 s, and 17 s on an Intel Xeon). Where it is more, the time limit takes it from the last steps.
 RESERVE_SECONDS = 25.0
-# The run's steps came out faster than the timed ones, by 6-14% on an AMD EPYC and 9% on an Intel Xeon
-# (the timing is the process's first training, minutes of steps warm the caches and the allocator):
-# steps are planned at this share of the timed time, and where they are slower the time limit ends
-# the run a few steps early, near the end of its schedule, where the learning rate is near min_lr.
-STEP_TIME_SCALE = 0.93
+# Steps are planned at their timed time. (While glibc's malloc still unmapped freed memory, a run's
+# steps came out 6-14% faster than the timed ones, the process's first, so they were planned at 93% of
+# it. With freed memory kept (runtime.keep_freed_memory) the first steps cost what the later ones do:
+# 265 ms timed, 267 ms the run's median on an AMD EPYC with AVX2 kernels.) Where they are slower, the
+# time limit ends the run a few steps early, near the end of its schedule, where the learning rate is
+# near min_lr.
 # Of those, what comes after the last step (the final evaluation and checkpoint, the samples, the plot,
 # the interpreter's exit: 14 s there): training is given a time limit (train.max_minutes) that leaves
 # this much of the budget. With 15 s, a run that the limit ended took 5:00.2.
@@ -248,11 +249,11 @@ class Plan:
             where = f"this {device.type} device"
         precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "float16 autocast"}[dtype]
         left = max(0.0, self.budget - self.spent - RESERVE_SECONDS)
-        minutes = self.steps * self.step_time * STEP_TIME_SCALE / 60  # the plan's estimate of the training time
+        minutes = self.steps * self.step_time / 60  # the plan's estimate of the training time
         lines = [
             f"budget: {self.budget / 60:g} min in all; {self.spent:.0f} s went to starting, preparing the data "
             f"and timing steps: {self.step_time * 1000:.0f} ms per step of {self.tokens_per_step} tokens on {where}, "
-            f"{precision}; planned at {self.step_time * STEP_TIME_SCALE * 1000:.0f} ms, as a run's steps are faster"
+            f"{precision}"
         ]
         o = cfg.optim
         schedule = f"warm-up {self.warmup_steps} steps, learning rate {o.lr:g} decaying to {o.min_lr:g}"
@@ -330,10 +331,10 @@ def fit_to_budget(
     config's warm-up share.
     """
     left = budget - spent - RESERVE_SECONDS
-    # All of the time left, at the steps' expected time (STEP_TIME_SCALE); where they are slower, the
+    # All of the time left, at the timed step time; where the steps are slower, the
     # time limit (train.max_minutes) keeps the budget by ending the run a little before its schedule
     # does, at a learning rate near min_lr.
-    fit = int(left / (step_time * STEP_TIME_SCALE)) if left > 0 else 0
+    fit = int(left / step_time) if left > 0 else 0
     o, t = cfg.optim, cfg.train
     if short is None:
         return Plan(step_time, budget, spent, t.max_steps, o.warmup_steps, t.total_batch_tokens, fit < t.max_steps)
