@@ -48,7 +48,7 @@ def test_fp16_with_loss_scaling_resumes_exactly(corpus, tmp_path, eager_scaler):
     fp16 = dict(train={"precision": "fp16"})
     straight = train(tiny_config(corpus, tmp_path / "straight", **fp16), progress=False)
     assert straight.step == 8 and straight.loss is not None
-    overflows = [r["message"] for r in records(tmp_path / "straight", "event")]
+    overflows = [r["message"] for r in records(tmp_path / "straight", "event") if "overflowed" in r["message"]]
     assert overflows[:2] == [
         "float16 gradients overflowed at step 1: update skipped, loss scale now 524288",
         "float16 gradients overflowed at step 2: update skipped, loss scale now 262144",
