@@ -50,12 +50,6 @@ CALIBRATION_WARMUP = 4
 # (in float32 on 2-core CPUs with AVX2 kernels, 25 s in all on an AMD EPYC, where an evaluation took
 # 11 s, and 17 s on an Intel Xeon). Where it is more, the time limit takes it from the last steps.
 RESERVE_SECONDS = 25.0
-# Steps are planned at their timed time. (While glibc's malloc still unmapped freed memory, a run's
-# steps came out 6-14% faster than the timed ones, the process's first, so they were planned at 93% of
-# it. With freed memory kept (runtime.keep_freed_memory) the first steps cost what the later ones do:
-# 265 ms timed, 267 ms the run's median on an AMD EPYC with AVX2 kernels.) Where they are slower, the
-# time limit ends the run a few steps early, near the end of its schedule, where the learning rate is
-# near min_lr.
 # Of those, what comes after the last step (the final evaluation and checkpoint, the samples, the plot,
 # the interpreter's exit: 14 s there): training is given a time limit (train.max_minutes) that leaves
 # this much of the budget. With 15 s, a run that the limit ended took 5:00.2.
@@ -331,9 +325,11 @@ def fit_to_budget(
     config's warm-up share.
     """
     left = budget - spent - RESERVE_SECONDS
-    # All of the time left, at the timed step time; where the steps are slower, the
-    # time limit (train.max_minutes) keeps the budget by ending the run a little before its schedule
-    # does, at a learning rate near min_lr.
+    # All of the time left, at the timed step time: with freed memory kept (runtime.keep_freed_memory)
+    # the timed steps cost what a run's later ones do (265 against 267 ms on an AMD EPYC with AVX2
+    # kernels; while malloc unmapped freed memory, the first steps were 6-14% slower). Where the steps
+    # are slower, the time limit (train.max_minutes) keeps the budget by ending the run a little before
+    # its schedule does, at a learning rate near min_lr.
     fit = int(left / step_time) if left > 0 else 0
     o, t = cfg.optim, cfg.train
     if short is None:
