@@ -42,10 +42,16 @@ def child_env() -> dict[str, str]:
     return {**subprocess_env(), "OMP_NUM_THREADS": "1"}
 
 
-def test_resume_is_bitwise_identical(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_identical(corpus, tmp_path, optimizer):
     # Dropout and shuffling on, so the RNG states and the loader position must be restored exactly;
     # the runs evaluate (val loss and a sample) at different steps, which must not change training.
-    sections = dict(model={"dropout": 0.1}, data={"shuffle": True}, eval={"every": 3, "sample_tokens": 4})
+    sections = dict(
+        model={"dropout": 0.1},
+        data={"shuffle": True},
+        eval={"every": 3, "sample_tokens": 4},
+        optim={"name": optimizer},
+    )
     straight = train(tiny_config(corpus, tmp_path / "straight", **sections), progress=False)
     assert straight.step == 8 and not straight.interrupted
 
@@ -382,9 +388,10 @@ def test_tensorboard_logs_or_a_clear_error(corpus, tmp_path):
 
 
 @pytest.mark.subprocess
-def test_ddp_on_two_processes_equals_gradient_accumulation(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_on_two_processes_equals_gradient_accumulation(corpus, tmp_path, optimizer):
     # 2 ranks x 1 micro-batch of 4 sequences vs 1 rank x 2 micro-steps: the same 8 sequences per step.
-    sections = dict(train={"max_steps": 5}, eval={"every": 5})
+    sections = dict(train={"max_steps": 5}, eval={"every": 5}, optim={"name": optimizer})
     single = train(tiny_config(corpus, tmp_path / "one", **sections), progress=False)
     config = write_toml(tiny_config(corpus, tmp_path / "two", **sections), tmp_path / "ddp.toml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

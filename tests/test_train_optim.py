@@ -9,15 +9,20 @@ import pytest
 import torch
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.losses import linear_cross_entropy
 from gpt2lab.model import GPT
 from gpt2lab.train.config import OptimSection
 from gpt2lab.train.optim import (
+    MuonAdamW,
     build_optimizer,
     load_optimizer_state,
     lr_at,
+    muon_param_groups,
     optimizer_state_tensors,
+    orthogonalize,
     param_groups,
+    set_lr,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,13 +70,15 @@ def test_param_groups_decay_matrices_only():
     assert len(decay["params"]) == 2 + 4 * 2  # wte, wpe + (c_attn, c_proj, c_fc, mlp c_proj) per layer
 
 
-def test_optimizer_state_round_trip_is_exact(tmp_path):
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizer_state_round_trip_is_exact(tmp_path, name):
     from safetensors.torch import load_file, save_file
 
+    recipe = OptimSection(name=name)
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64)
     model = GPT(cfg)
-    opt = build_optimizer(model, RECIPE, torch.device("cpu"))
+    opt = build_optimizer(model, recipe, torch.device("cpu"))
     x = torch.randint(0, 50257, (2, 8))
     for _ in range(3):
         model(x, x)[1].backward()
@@ -79,14 +86,122 @@ def test_optimizer_state_round_trip_is_exact(tmp_path):
         opt.zero_grad()
     tensors, meta = optimizer_state_tensors(opt)
     save_file(tensors, tmp_path / "opt.safetensors")
+    if name == "muon":
+        assert "transformer.h.0.mlp.c_fc.weight.momentum_buffer" in tensors
+        assert "transformer.wte.weight.exp_avg" in tensors and "transformer.h.0.mlp.c_fc.weight.exp_avg" not in tensors
     clone = GPT.from_state_dict(cfg, {k: v.clone() for k, v in model.state_dict().items()})
-    opt2 = build_optimizer(clone, RECIPE, torch.device("cpu"))
+    opt2 = build_optimizer(clone, recipe, torch.device("cpu"))
     load_optimizer_state(opt2, load_file(tmp_path / "opt.safetensors"), meta, "test")
     for model_, opt_ in ((model, opt), (clone, opt2)):
         model_(x, x)[1].backward()
         opt_.step()
     for (name, a), b in zip(model.named_parameters(), clone.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_optimizer_state_of_the_other_optimizer_is_refused():
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64)
+    model = GPT(cfg)
+    adamw = build_optimizer(model, RECIPE, torch.device("cpu"))
+    muon = build_optimizer(model, OptimSection(name="muon"), torch.device("cpu"))
+    _, meta = optimizer_state_tensors(adamw)
+    with pytest.raises(GPT2LabError) as e:
+        load_optimizer_state(muon, {}, meta, "ckpt")
+    assert str(e.value) == (
+        "ckpt: the optimizer state is adamw's and this run's optim.name is 'muon': "
+        "resume with --set optim.name=adamw, or start a new run"
+    )
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))
+    recipe = OptimSection(name="muon", lr=2e-3, muon_lr=0.02, weight_decay=0.1, muon_weight_decay=0.01)
+    decay, no_decay, muon = muon_param_groups(model, recipe)
+    assert decay["names"] == ["transformer.wte.weight", "transformer.wpe.weight"]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and muon["weight_decay"] == 0.01
+    assert muon["muon"] and muon["names"] == [
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert sum(p.numel() for g in (decay, no_decay, muon) for p in g["params"]) == model.num_params(
+        include_padding=True
+    )
+    opt = build_optimizer(model, recipe, torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW) and [g["lr"] for g in opt.param_groups] == [2e-3, 2e-3, 0.02]
+    set_lr(opt, 1e-3)  # the schedule scales both rates alike
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, pytest.approx(1e-2)]
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16), (32, 32)])
+def test_orthogonalize_is_near_the_polar_factor(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    o = orthogonalize(g)
+    s = torch.linalg.svdvals(o)
+    # Five quintic steps leave the singular values between about 0.7 and 1.2, not at 1 (Jordan et al.).
+    assert s.min() > 0.6 and s.max() < 1.25, s
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    cosine = (o * polar).sum() / (o.norm() * polar.norm())
+    assert cosine > 0.98
+    # A stack is orthogonalized matrix by matrix, each scaled by its own norm.
+    both = orthogonalize(torch.stack([g, 3 * g]))
+    torch.testing.assert_close(both[0], o, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both[1], o, rtol=0, atol=1e-6)  # up to eps in the norm
+
+
+def _reference_muon(p, grads, lr, momentum, wd):
+    """Muon written out for one matrix: the update each step, from the formula."""
+    p, buf = p.clone(), torch.zeros_like(p)
+    for g in grads:
+        buf = momentum * buf + g
+        u = g + momentum * buf
+        x = u if u.size(0) <= u.size(1) else u.T
+        x = x / (x.norm() + 1e-7)
+        for _ in range(5):
+            a = x @ x.T
+            x = 3.4445 * x - 4.7750 * (a @ x) + 2.0315 * (a @ a @ x)
+        o = x if u.size(0) <= u.size(1) else x.T
+        p = p * (1 - lr * wd) - lr * max(1.0, p.size(0) / p.size(1)) ** 0.5 * o
+    return p
+
+
+def test_muon_step_matches_the_formula_and_adamw_steps_the_rest_as_plain_adamw():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = OptimSection(name="muon", lr=2e-3, muon_lr=0.02, muon_weight_decay=0.05)
+    opt = build_optimizer(model, recipe, torch.device("cpu"))
+    # The same AdamW, alone, over clones of the AdamW groups' parameters.
+    adam_groups = [g for g in opt.param_groups if not g.get("muon")]
+    clones = [[p.detach().clone().requires_grad_() for p in g["params"]] for g in adam_groups]
+    plain = torch.optim.AdamW(
+        [{"params": c, "weight_decay": g["weight_decay"]} for c, g in zip(clones, adam_groups)],
+        lr=2e-3,
+        betas=(recipe.beta1, recipe.beta2),
+        eps=recipe.eps,
+        fused=True,
+    )
+    grads: dict[str, list[torch.Tensor]] = {}
+    x = torch.randint(0, 50257, (2, 8))
+    for _ in range(3):
+        model(x, x)[1].backward()
+        for n, p in model.named_parameters():
+            grads.setdefault(n, []).append(p.grad.clone())
+        for c, g in zip(clones, adam_groups):
+            for cp, p in zip(c, g["params"]):
+                cp.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+        opt.zero_grad()
+    params = dict(model.named_parameters())
+    for c, g in zip(clones, adam_groups):
+        for cp, n in zip(c, g["names"]):
+            assert torch.equal(cp, params[n]), n  # bit for bit
+    for n in opt.param_groups[2]["names"]:
+        want = _reference_muon(start[n].double(), [g.double() for g in grads[n]], 0.02, 0.95, 0.05)
+        torch.testing.assert_close(params[n].double(), want, rtol=0, atol=2e-6)
+        assert not torch.equal(params[n], start[n])
 
 
 def test_fused_loss_matches_plain_cross_entropy():

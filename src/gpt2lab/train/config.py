@@ -57,8 +57,13 @@ class DataSection:
 
 @dataclass(frozen=True)
 class OptimSection:
-    """AdamW and the learning-rate schedule (linear warmup, then decay to min_lr by max_steps)."""
+    """The optimizer and the learning-rate schedule (linear warmup, then decay to min_lr by max_steps).
 
+    name: "adamw" (GPT-2's), or "muon": Muon for the blocks' attention and MLP matrices at the peak rate
+    muon_lr, AdamW for the embeddings, biases and LayerNorms at lr (see train/optim.py).
+    """
+
+    name: str = "adamw"  # adamw | muon
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 715
@@ -68,6 +73,9 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1  # on matrices and embeddings only (see train/optim.py)
     grad_clip: float = 1.0  # global L2 norm; 0 turns clipping off
+    muon_lr: float = 0.02  # Muon's peak rate (name = "muon"); min_lr / lr scales it too
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -198,8 +206,9 @@ class TrainConfig:
             need(getattr(m, key) is None or getattr(m, key) >= 1, f"model.{key}", "a positive integer")
         need(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)")
         need(m.pad_vocab_multiple >= 1, "model.pad_vocab_multiple", "a positive integer")
+        need(o.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}")
         need(o.lr > 0, "optim.lr", "positive")
-        need(0 <= o.min_lr <= o.lr, "optim.min_lr", "between 0 and optim.lr")
+        need(0 <= o.min_lr <= o.lr, "optim.min_lr", f"between 0 and optim.lr ({o.lr:g}); lower both")
         need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
         need(o.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}")
         need(0 <= o.beta1 < 1, "optim.beta1", "in [0, 1)")
@@ -207,12 +216,20 @@ class TrainConfig:
         need(o.eps > 0, "optim.eps", "positive")
         need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
         need(o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 = off)")
+        need(o.muon_lr > 0, "optim.muon_lr", "positive")
+        need(0 <= o.muon_momentum < 1, "optim.muon_momentum", "in [0, 1)")
+        need(o.muon_weight_decay >= 0, "optim.muon_weight_decay", ">= 0")
         for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_every"):
             need(getattr(t, key) >= 1, f"train.{key}", "a positive integer")
         need(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}")
         need(t.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0")
         need(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no time limit)")
         need(t.parallel in PARALLEL, "train.parallel", f"one of {', '.join(PARALLEL)}")
+        if o.name == "muon" and t.parallel == "fsdp":
+            raise GPT2LabError(
+                f"{source}: optim.name = 'muon' orthogonalizes whole matrices, which FSDP shards across ranks: "
+                "train with DDP (train.parallel = 'ddp') or with optim.name = 'adamw'"
+            )
         need(bool(t.out_dir), "train.out_dir", "a directory")
         need(m.block_size is None or t.seq_len <= m.block_size, "train.seq_len", "at most model.block_size")
         need(e.every >= 0, "eval.every", ">= 0 (0 = only at the end)")
@@ -243,6 +260,7 @@ class TrainConfig:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
+OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL = ("ddp", "fsdp")  # train/parallel.py, which imports torch, names the same two

@@ -1,10 +1,14 @@
-"""AdamW with GPT-2's parameter groups, and the learning-rate schedule as a pure function of the step.
+"""AdamW with GPT-2's parameter groups (or Muon for the blocks' matrices), and the learning-rate
+schedule as a pure function of the step.
 
 Weight decay applies to the matrices (attention, MLP, embeddings: every parameter with >= 2 dims) and
 not to biases and LayerNorm gains, as in GPT-3's and build-nanogpt's recipe (Loshchilov & Hutter 2019
-for decoupled decay). The schedule is linear warmup to `lr`, then cosine (or linear) decay to `min_lr`
-at `max_steps` (GPT-3 paper, appendix B; build-nanogpt's `get_lr`); `Schedule` sets it on the optimizer
-step by step.
+for decoupled decay). With `optim.name = "muon"` the attention and MLP matrices of the blocks take Muon
+(momentum, then the update orthogonalized by a Newton-Schulz iteration: Jordan et al. 2024, as in
+modded-nanogpt and nanochat) at their own peak rate `muon_lr`; the embeddings, biases and LayerNorms
+keep AdamW. Both follow the same schedule: linear warmup to `lr`, then cosine (or linear) decay to
+`min_lr` at `max_steps` (GPT-3 paper, appendix B; build-nanogpt's `get_lr`); `Schedule` sets it on the
+optimizer step by step.
 
 The optimizer state is saved without pickle: every state tensor goes into a safetensors file under the
 name `<parameter name>.<state key>` and the hyper-parameters into JSON (see `optimizer_state_tensors`).
@@ -58,8 +62,109 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def muon_param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
+    """`param_groups` with the blocks' matrices (attention and MLP weights, `transformer.h.*`, 2 dims)
+    moved into a third group for Muon, at `muon_lr` (as a multiple of `lr`, so the schedule scales
+    both) with `muon_weight_decay`. The embeddings stay with AdamW: Muon is for hidden layers' matrices,
+    and the tied wte / lm_head is both the first layer and the last."""
+    decay, no_decay = param_groups(model, optim.weight_decay)
+    hidden = [i for i, n in enumerate(decay["names"]) if n.startswith("transformer.h.")]
+    keep = [i for i in range(len(decay["names"])) if i not in hidden]
+    muon = {
+        "params": [decay["params"][i] for i in hidden],
+        "names": [decay["names"][i] for i in hidden],
+        "weight_decay": optim.muon_weight_decay,
+        "lr": optim.muon_lr,
+        "muon": True,
+        "lr_scale": optim.muon_lr / optim.lr,
+    }
+    decay = {**decay, "params": [decay["params"][i] for i in keep], "names": [decay["names"][i] for i in keep]}
+    return [decay, no_decay, muon]
+
+
+# The quintic Newton-Schulz iteration's coefficients (Jordan et al. 2024): they push every singular
+# value of the normalized matrix towards 1 in five steps, to somewhere in about [0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """About U V^T for G = U S V^T (the nearest semi-orthogonal matrix), by a Newton-Schulz iteration,
+    for one matrix (m, n) or a stack of them (k, m, n), in g's dtype.
+
+    Each step is X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation (m <= n), so the Gram
+    matrices are the small ones; X starts as G over its Frobenius norm, so every singular value is <= 1.
+    """
+    a, b, c = NS_COEFFICIENTS
+    wide = g.size(-2) <= g.size(-1)
+    x = g if wide else g.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # (.., m, m)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x if wide else x.mT
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """Muon for the groups marked `"muon": True`, AdamW (fused where PyTorch has it) for the others.
+
+    A Muon step: the momentum buffer B <- mu B + G; the update is G + mu B (Nesterov), orthogonalized
+    (`orthogonalize`), times sqrt(max(1, rows / cols)) so that tall and wide matrices move alike (the
+    original Muon's scaling); decoupled weight decay as AdamW's. Matrices of one shape are
+    orthogonalized together, as one batch. Its state is "momentum_buffer" per matrix, beside AdamW's
+    "step", "exp_avg" and "exp_avg_sq" for the rest, so checkpoints save and load it the same way.
+
+    ns_dtype: the iteration's dtype; bfloat16 on GPUs (as modded-nanogpt), float32 on CPUs, where
+    bfloat16 matmuls are slow without bf16 instructions.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], *, momentum: float, ns_dtype: torch.dtype, **adamw: Any) -> None:
+        super().__init__(groups, **adamw)
+        self.momentum, self.ns_dtype = momentum, ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._muon_step()
+        groups = self.param_groups
+        try:  # AdamW's step over the other groups only
+            self.param_groups = [g for g in groups if not g.get("muon")]
+            super().step()
+        finally:
+            self.param_groups = groups
+        return loss
+
+    def _muon_step(self) -> None:
+        mu = self.momentum
+        for group in self.param_groups:
+            if not group.get("muon"):
+                continue
+            by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(p.grad)
+                by_shape.setdefault(tuple(p.shape), []).append((p, p.grad.add(buf, alpha=mu)))
+            lr, wd = group["lr"], group["weight_decay"]
+            for shape, items in by_shape.items():
+                updates = torch.stack([u for _, u in items]).to(self.ns_dtype)  # (k, rows, cols)
+                ortho = orthogonalize(updates)
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for (p, _), o in zip(items, ortho.unbind(0)):
+                    if wd:
+                        p.mul_(1.0 - lr * wd)
+                    p.add_(o.to(p.dtype), alpha=-lr * scale)
+
+
 def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`, fused on CUDA and CPU.
+    """AdamW over `param_groups(model)`, fused on CUDA and CPU; with `optim.name = "muon"`, MuonAdamW
+    over `muon_param_groups(model)`.
 
     The fused implementation updates each parameter in one pass instead of about ten elementwise
     passes: one kernel for all parameters on CUDA (build-nanogpt), and on CPU 2-3x faster for the
@@ -68,18 +173,17 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device)
     kwargs: dict[str, Any] = {}
     if device.type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kwargs["fused"] = True
-    return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        eps=optim.eps,
-        **kwargs,
-    )
+    kwargs.update(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    if optim.name == "muon":
+        ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return MuonAdamW(muon_param_groups(model, optim), momentum=optim.muon_momentum, ns_dtype=ns_dtype, **kwargs)
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate on every group, times the group's `lr_scale` (Muon's matrices) where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class Schedule:
@@ -142,6 +246,22 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
     return tensors, {"param_groups": groups}
 
 
+def optimizer_name(groups: list[dict[str, Any]]) -> str:
+    """ "muon" where a group is marked for Muon (muon_param_groups), else "adamw": of an optimizer's
+    param_groups or of the ones a checkpoint saved."""
+    return "muon" if any(g.get("muon") for g in groups) else "adamw"
+
+
+def check_same_optimizer(saved_groups: list[dict[str, Any]], optimizer: torch.optim.Optimizer, where: str = "") -> None:
+    """GPT2LabError where a checkpoint's optimizer state is another optimizer's than this run's."""
+    saved, own = optimizer_name(saved_groups), optimizer_name(optimizer.param_groups)
+    if saved != own:
+        raise GPT2LabError(
+            f"{where}the optimizer state is {saved}'s and this run's optim.name is {own!r}: resume with "
+            f"--set optim.name={saved}, or start a new run"
+        )
+
+
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str = ""
 ) -> None:
@@ -151,6 +271,7 @@ def load_optimizer_state(
     `source` (the checkpoint) when one is given."""
     where = f"{source}: " if source else ""
     saved_groups = meta.get("param_groups", [])
+    check_same_optimizer(saved_groups, optimizer, where)
     if len(saved_groups) != len(optimizer.param_groups):
         raise GPT2LabError(
             f"{where}optimizer state has {len(saved_groups)} parameter groups, expected "
@@ -163,7 +284,7 @@ def load_optimizer_state(
             )
         for name, p in zip(group["names"], group["params"]):
             state = {}
-            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
                 if f"{name}.{key}" in tensors:
                     t = tensors[f"{name}.{key}"]
                     # AdamW keeps `step` as a float32 scalar on the CPU unless it is fused/capturable.

@@ -7,7 +7,8 @@ Per device, in bytes, for DDP and FSDP at the run's world size:
     gradients    float32, the same split; under FSDP with gradient accumulation the micro-steps that
                  do not sync (set_requires_gradient_sync(False)) hold the *unsharded* gradients
     optimizer    AdamW's exp_avg and exp_avg_sq: 8 bytes per parameter held (the step counters are
-                 scalars)
+                 scalars); with optim.name = "muon" the blocks' matrices keep 4 (one momentum buffer),
+                 so the plan is an upper bound
     gathered     FSDP only: the all-gathered working copy of the largest group (the root: wte, wpe,
                  ln_f) plus one block prefetched, in the compute dtype
     activations  what the forward keeps for the backward at one micro-batch; measured on CPU float32

@@ -33,7 +33,7 @@ from ..checkpoint import model_weights
 from ..errors import GPT2LabError
 from ..model import GPT, unwrap
 from ..runtime import rng_state, set_rng_state
-from .optim import load_optimizer_state, optimizer_state_tensors
+from .optim import check_same_optimizer, load_optimizer_state, optimizer_state_tensors
 
 PER_RANK = ("rng", "loader")
 
@@ -139,7 +139,8 @@ def check_weights(state: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
 
 
 def check_param_names(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> None:
-    """The saved parameter groups name this optimizer's parameters, in order; else GPT2LabError."""
+    """The saved parameter groups are this optimizer's and name its parameters, in order; else GPT2LabError."""
+    check_same_optimizer(saved_groups, optimizer)
     if [g.get("names") for g in saved_groups] != [g["names"] for g in optimizer.param_groups]:
         raise GPT2LabError("optimizer state names other parameters than this model's; it belongs to another model")
 
