@@ -40,9 +40,9 @@ def test_124M_recipe_is_build_nanogpts():
 def test_overrides_are_typed():
     cfg = load_train_config(
         CONFIGS / "shakespeare-cpu.toml",
-        ["optim.lr=3e-4", "train.max_steps=100", "train.init_from=gpt2", "eval.tasks=['x']", "train.out_dir=2024"],
+        ["optim.lr=3e-3", "train.max_steps=100", "train.init_from=gpt2", "eval.tasks=['x']", "train.out_dir=2024"],
     )
-    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 100
+    assert cfg.optim.lr == 3e-3 and cfg.train.max_steps == 100
     assert cfg.train.init_from == "gpt2" and cfg.eval.tasks == ("x",) and cfg.train.out_dir == "2024"
     assert parse_override("optim.weight_decay=0") == ("optim.weight_decay", 0)
     assert TrainConfig().with_overrides({"optim.weight_decay": 0}).optim.weight_decay == 0.0  # ints become floats
@@ -57,16 +57,29 @@ def test_overrides_are_typed():
         ("train.max_steps=1.5", "train.max_steps must be an integer"),
         ("train.compile=1", "train.compile must be true or false"),
         ("optim.lr=-1", "optim.lr must be positive"),
+        ("optim.lr=3e-4", r"optim.min_lr must be between 0 and optim.lr \(0.0003\); lower both, got 0.0006"),
         ("train.max_minutes=-1", r"train.max_minutes must be >= 0 \(0 = no time limit\)"),
         ("optim.schedule=step", "optim.schedule must be one of"),
         ("train.precision=fp8", "train.precision must be one of"),
         ("model.preset=gpt5", "model.preset must be one of"),
+        ("optim.name=lion", "optim.name must be one of adamw, muon, got 'lion'"),
+        ("optim.muon_lr=0", "optim.muon_lr must be positive"),
+        ("optim.muon_momentum=1", r"optim.muon_momentum must be in \[0, 1\)"),
         ("novalue", "expected section.key=value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(GPT2LabError, match=message):
         load_train_config(CONFIGS / "shakespeare-cpu.toml", [override])
+
+
+def test_muon_with_fsdp_is_refused():
+    with pytest.raises(GPT2LabError) as e:
+        load_train_config(CONFIGS / "shakespeare-cpu.toml", ["optim.name=muon", "train.parallel=fsdp"])
+    assert str(e.value).endswith(
+        "optim.name = 'muon' orthogonalizes whole matrices, which FSDP shards across ranks: "
+        "train with DDP (train.parallel = 'ddp') or with optim.name = 'adamw'"
+    )
 
 
 def test_bad_toml_files(tmp_path):
@@ -101,7 +114,7 @@ def test_cli_reports_config_errors(cli):
 
 def test_cli_print_config_applies_flags(cli):
     result = cli(
-        "train", CONFIGS / "shakespeare-cpu.toml", "--set", "optim.lr=3e-4", "--max-steps", "7", "--print-config"
+        "train", CONFIGS / "shakespeare-cpu.toml", "--set", "optim.lr=3e-3", "--max-steps", "7", "--print-config"
     )
     assert result.code == 0, result.err
-    assert "lr = 0.0003" in result.out and "max_steps = 7" in result.out
+    assert "lr = 0.003" in result.out and "max_steps = 7" in result.out

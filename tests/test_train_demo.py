@@ -77,7 +77,7 @@ def _cfg():
 
 
 def test_a_short_budget_trains_a_short_run_fitted_to_it():
-    cfg = _cfg()  # 1200 steps of 1024 tokens, warm-up 100, lr 2e-3 -> 2e-4
+    cfg = _cfg()  # 1200 steps of 1024 tokens, warm-up 100, lr 6e-3 -> 6e-4 (AdamW), Muon 0.01
     first = demo.fit_to_budget(cfg, step_time=0.5, budget=300.0, spent=30.0)  # 1200 x 0.465 s > 245 s left
     assert first.short
     short = load_train_config(demo.find_config(), list(demo.SHORT_RUN))
@@ -97,7 +97,10 @@ def test_a_short_budget_trains_a_short_run_fitted_to_it():
     ]
     text = plan.explain(cfg)
     assert "the config's 1200 steps do not fit in the 4.2 min left after 25 s kept" in text
-    assert "1020 steps (4.2 min) of 512 tokens, warm-up 85 steps, learning rate 0.002 decaying to 0.0002" in text
+    assert (
+        "1020 steps (4.2 min) of 512 tokens, warm-up 85 steps, learning rate 0.006 decaying to 0.0006 "
+        "(AdamW; the blocks' matrices: Muon at 0.01, scaled alike) at step 1020"
+    ) in text
     assert "250 ms per step of 512 tokens on this CPU" in text and "bf16 instructions" in text
     # A short run never has more tokens than the config's run.
     assert demo.fit_to_budget(cfg, step_time=0.01, budget=300.0, spent=40.0, short=short).steps == 2400

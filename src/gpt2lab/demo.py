@@ -15,9 +15,9 @@ three times slower than bf16 on one with AVX-512 and bf16 instructions), so the 
 first (CALIBRATION_STEPS), then fixes the number of steps and the schedule so that the whole demo ends
 within --minutes, and prints what it chose and why. Where the config's 1200 steps fit, it trains them as
 they are. Where they don't, it trains a short run: half the config's tokens per step (SHORT_RUN), as many
-steps as fit, the same peak learning rate, the warm-up the same share of the run. For the same tokens,
-more and smaller steps reached a lower val loss (5.22 against 5.35 at 461K tokens), and higher peak
-learning rates a higher one (docs/performance.md, "The demo"). Timings on a shared machine are only
+steps as fit, the same peak learning rates, the warm-up the same share of the run. For the same tokens,
+more and smaller steps reached a lower val loss (5.22 against 5.35 at 461K tokens with AdamW; 4.58
+against 4.65 at 491K with the config's Muon; docs/performance.md, "The demo"). Timings on a shared machine are only
 estimates, so training also gets a time limit (train.max_minutes): if its steps run slower than the
 timed ones, the run ends early, evaluated and checkpointed, and the demo still ends within the budget.
 """
@@ -251,6 +251,8 @@ class Plan:
         ]
         o = cfg.optim
         schedule = f"warm-up {self.warmup_steps} steps, learning rate {o.lr:g} decaying to {o.min_lr:g}"
+        if o.name == "muon":
+            schedule += f" (AdamW; the blocks' matrices: Muon at {o.muon_lr:g}, scaled alike)"
         if self.short:
             lines.append(
                 f"plan: the config's {cfg.train.max_steps} steps do not fit in the {left / 60:.1f} min left after "

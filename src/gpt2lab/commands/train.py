@@ -5,7 +5,7 @@ checkpoints/ go to train.out_dir.
 
 Examples:
   gpt2lab train configs/shakespeare-cpu.toml
-  gpt2lab train configs/shakespeare-cpu.toml --set optim.lr=3e-4 --set train.max_steps=100
+  gpt2lab train configs/shakespeare-cpu.toml --set optim.lr=3e-3 --set train.max_steps=100
   gpt2lab train configs/finetune-gpt2-shakespeare.toml --init-from gpt2-medium
   gpt2lab train configs/gpt2-124M-fineweb-edu.toml --resume auto
   torchrun --standalone --nproc_per_node=8 -m gpt2lab train configs/gpt2-124M-fineweb-edu.toml
