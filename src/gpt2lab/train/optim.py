@@ -247,8 +247,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
 
 
 def optimizer_name(groups: list[dict[str, Any]]) -> str:
-    """ "muon" where a group is marked for Muon (muon_param_groups), else "adamw": of an optimizer's
-    param_groups or of the ones a checkpoint saved."""
+    """The optimizer that `groups` (an optimizer's param_groups, or those a checkpoint saved) belong
+    to: "muon" where a group is marked for Muon (muon_param_groups), else "adamw"."""
     return "muon" if any(g.get("muon") for g in groups) else "adamw"
 
 
