@@ -17,9 +17,10 @@ within --minutes, and prints what it chose and why. Where the config's 1200 step
 they are. Where they don't, it trains a short run: half the config's tokens per step (SHORT_RUN), as many
 steps as fit, the same peak learning rates, the warm-up the same share of the run. For the same tokens,
 more and smaller steps reached a lower val loss (5.22 against 5.35 at 461K tokens with AdamW; 4.58
-against 4.65 at 491K with the config's Muon; docs/performance.md, "The demo"). Timings on a shared machine are only
-estimates, so training also gets a time limit (train.max_minutes): if its steps run slower than the
-timed ones, the run ends early, evaluated and checkpointed, and the demo still ends within the budget.
+against 4.65 at 491K with the config's Muon; docs/performance.md, "The demo" and "Muon"). Timings on a
+shared machine are only estimates, so training also gets a time limit (train.max_minutes): if its steps
+run slower than the timed ones, the run ends early, evaluated and checkpointed, and the demo still ends
+within the budget.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from ..tuning import choose_cpu_loss_kernel
 from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
 from .config import TrainConfig, to_toml
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
-from .optim import Schedule, build_optimizer, check_same_optimizer
+from .optim import Schedule, build_optimizer
 from .parallel import (
     check_fsdp_supported,
     clip_gradients,
@@ -76,6 +76,7 @@ from .state import (
     ShardedModelState,
     ShardedOptimizerState,
     Stateful,
+    check_param_names,
 )
 
 # The loop's clock: step times, elapsed time, train.max_minutes (a test can replace it).
@@ -325,7 +326,7 @@ class Trainer:
         states = {**saved, **(ranks[rank] if same_ranks else {"loader": ranks[0]["loader"]})}
         try:
             if "sharded" in saved:  # DCP's shards, onto this run's ranks, sharded or not
-                check_same_optimizer(saved["optimizer"].get("param_groups", []), self.optimizer)
+                check_param_names(self.optimizer, saved["optimizer"].get("param_groups", []))
                 ckpt.load_sharded_state(
                     saved["sharded"], self.model, self.optimizer, saved["optimizer"].get("param_groups", [])
                 )
