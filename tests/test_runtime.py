@@ -163,4 +163,7 @@ def test_keep_freed_memory_can_be_undone():
     if _glibc() is None:
         pytest.skip("the C library is not glibc: keep_freed_memory does nothing")
     kept, faults = _faults("undo", {"GPT2LAB_KEEP_FREED_MEMORY": ""})
-    assert not kept and faults >= 4 * PAGES_64MB  # mmapped and faulted in again, as by default
+    # The kept memory went back to the OS (malloc_trim), so the block is faulted in again: at least once,
+    # and on every allocation where it is mmapped as by default. A free block that malloc_trim left in
+    # the middle of the heap (its pages returned) can serve the next allocations, so not always 5 times.
+    assert not kept and faults >= PAGES_64MB
