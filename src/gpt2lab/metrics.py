@@ -1,16 +1,5 @@
-"""What a training run reports: metrics.jsonl, model FLOPs utilisation, the progress line, and plots.
-
-metrics.jsonl holds one JSON object per line, each with a "kind":
-  {"kind": "train", "step": 10, "loss": 4.21, "lr": 6e-4, "grad_norm": 0.9, "tokens": 5242880,
-   "tokens_per_sec": 512000.0, "mfu": 0.47, "step_time": 1.02, "elapsed": 10.7}
-  {"kind": "eval", "step": 250, "val_loss": 3.9, ...any other evaluation numbers (hellaswag_acc_norm ...)}
-  {"kind": "sample", "step": 250, "prompt": "...", "text": "..."}
-  {"kind": "event", "step": 300, "message": "resumed from ..."}
-`step` counts completed optimizer steps. The file is an append-only log (rewriting it whole after every
-step would cost O(steps^2)); lines are flushed as written and fsynced with every checkpoint. A torn last
-line after a kill is skipped by `read_metrics`, and a resumed run first rewrites the file atomically
-without the records past its checkpoint, so the log of a resumed run equals that of an unbroken one.
-"""
+"""What a training run reports: metrics.jsonl (see MetricsWriter), model FLOPs utilisation, the
+progress line, and plots of one run or several."""
 
 from __future__ import annotations
 
@@ -134,7 +123,13 @@ def progress_text(rec: dict[str, Any]) -> str:
 
 
 class MetricsWriter:
-    """Appends records to RUN/metrics.jsonl (and optionally TensorBoard). Only rank 0 makes one."""
+    """Appends records to RUN/metrics.jsonl (and optionally TensorBoard). Only rank 0 makes one.
+
+    One JSON object per line, with a "kind" (train, eval, sample, event) and `step`, the optimizer steps
+    completed, e.g. {"kind": "train", "step": 10, "loss": 4.21, "lr": 6e-4, "grad_norm": 0.9, "tokens":
+    5242880, "tokens_per_sec": 512000.0, "mfu": 0.47, "step_time": 1.02, "elapsed": 10.7}. The file is
+    appended to, never rewritten per step (that costs O(steps^2)): flushed per line, fsynced per checkpoint.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = False) -> None:
         self._tb = None
@@ -205,84 +200,21 @@ def _ema(values: Sequence[float], alpha: float) -> list[float]:
 def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, x: str = "step") -> Path:
     """Write a PNG comparing runs: train loss (raw, faint, and smoothed) and val loss on one panel;
     any other eval numbers (HellaSwag accuracy ...) on a second. `x` is "step" or "tokens"."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise GPT2LabError("plotting needs matplotlib: pip install 'gpt2lab[plot]'") from None
+    plt = _pyplot()
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
-    extra_keys = sorted(
-        {
-            k
-            for _, recs in runs
-            for r in recs
-            if r.get("kind") == "eval"
-            for k, v in r.items()
-            if k not in ("kind", "step", "tokens", "val_loss", "val_tokens") and isinstance(v, (int, float))
-        }
-    )
+    extra_keys = _extra_eval_keys(recs for _, recs in runs)
     ncols = 2 if extra_keys else 1
     fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 4.5), squeeze=False)
-    ax = axes[0][0]
+    loss_ax, evals_ax = axes[0][0], (axes[0][1] if extra_keys else None)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (run_dir, recs) in enumerate(runs):
-        color = colors[i % len(colors)]
-        train = [r for r in recs if r.get("kind") == "train" and _finite(r.get("loss"))]
-        tokens_per_step = (train[-1]["tokens"] / train[-1]["step"]) if train and train[-1].get("step") else 0
-
-        scale = tokens_per_step if x == "tokens" else 1
-
-        label = run_dir.name or str(run_dir)
-        if train:
-            losses = [r["loss"] for r in train]
-            ax.plot(_xs(train, scale), losses, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(_xs(train, scale), _ema(losses, 0.9), color=color, label=f"{label} train")
-        val = [r for r in recs if r.get("kind") == "eval" and _finite(r.get("val_loss"))]
-        if val:
-            ax.plot(
-                _xs(val, scale),
-                [r["val_loss"] for r in val],
-                color=color,
-                linestyle="--",
-                marker="o",
-                markersize=3,
-                label=f"{label} val ({val[-1]['val_loss']:.3f})",
-            )
-        for j, key in enumerate(extra_keys):
-            pts = [r for r in recs if r.get("kind") == "eval" and _finite(r.get(key))]
-            if pts:
-                axes[0][1].plot(
-                    _xs(pts, scale),
-                    [r[key] for r in pts],
-                    color=color,
-                    marker="o",
-                    markersize=3,
-                    linestyle=["-", "--", ":", "-."][j % 4],
-                    label=f"{label} {key}",
-                )
-    if any(_fineweb_edu(run_dir) for run_dir, _ in runs):
-        # build-nanogpt's yardstick: OpenAI's GPT-2 (124M) on the same FineWeb-Edu val tokens
-        from .eval import VAL_LOSS_REFERENCES
-
-        ref = VAL_LOSS_REFERENCES["gpt2-124M"]
-        ax.axhline(ref, color="gray", linestyle=":", linewidth=1, label=f"OpenAI GPT-2 124M val ({ref})")
-    if "hellaswag_acc_norm" in extra_keys:
-        from .eval import HELLASWAG_REFERENCES
-
-        for (name, value), style in zip(HELLASWAG_REFERENCES.items(), (":", "-.")):
-            axes[0][1].axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} ({value})")
-    ax.set_xlabel("tokens" if x == "tokens" else "step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("train / val loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if extra_keys:
-        axes[0][1].set_xlabel(ax.get_xlabel())
-        axes[0][1].set_title("evaluations")
-        axes[0][1].grid(alpha=0.3)
-        axes[0][1].legend(fontsize=8)
+        label, color = run_dir.name or str(run_dir), colors[i % len(colors)]
+        scale = _tokens_per_step(recs) if x == "tokens" else 1
+        _plot_losses(loss_ax, recs, label, color, scale)
+        if evals_ax is not None:
+            _plot_evals(evals_ax, recs, extra_keys, label, color, scale)
+    _plot_references(loss_ax, evals_ax, [d for d, _ in runs], extra_keys)
+    _label_axes(loss_ax, evals_ax, x)
     fig.tight_layout()
     out = Path(out)
     buf = io.BytesIO()
@@ -290,6 +222,101 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, x: 
     plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), or a one-line error."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GPT2LabError("plotting needs matplotlib: pip install 'gpt2lab[plot]'") from None
+    return plt
+
+
+def _extra_eval_keys(runs: Iterable[list[dict[str, Any]]]) -> list[str]:
+    """The numeric eval keys other than val loss, across all runs, sorted: the second panel's lines."""
+    skip = ("kind", "step", "tokens", "val_loss", "val_tokens")
+    return sorted(
+        {
+            k
+            for recs in runs
+            for r in recs
+            if r.get("kind") == "eval"
+            for k, v in r.items()
+            if k not in skip and isinstance(v, (int, float))
+        }
+    )
+
+
+def _tokens_per_step(recs: list[dict[str, Any]]) -> float:
+    """A run's tokens per optimizer step, from its last train record (0 without one)."""
+    train = [r for r in recs if r.get("kind") == "train" and _finite(r.get("loss"))]
+    return (train[-1]["tokens"] / train[-1]["step"]) if train and train[-1].get("step") else 0
+
+
+def _plot_losses(ax: Any, recs: list[dict[str, Any]], label: str, color: str, scale: float) -> None:
+    train = [r for r in recs if r.get("kind") == "train" and _finite(r.get("loss"))]
+    if train:
+        losses = [r["loss"] for r in train]
+        ax.plot(_xs(train, scale), losses, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(_xs(train, scale), _ema(losses, 0.9), color=color, label=f"{label} train")
+    val = [r for r in recs if r.get("kind") == "eval" and _finite(r.get("val_loss"))]
+    if val:
+        ax.plot(
+            _xs(val, scale),
+            [r["val_loss"] for r in val],
+            color=color,
+            linestyle="--",
+            marker="o",
+            markersize=3,
+            label=f"{label} val ({val[-1]['val_loss']:.3f})",
+        )
+
+
+def _plot_evals(ax: Any, recs: list[dict[str, Any]], keys: list[str], label: str, color: str, scale: float) -> None:
+    for j, key in enumerate(keys):
+        pts = [r for r in recs if r.get("kind") == "eval" and _finite(r.get(key))]
+        if pts:
+            ax.plot(
+                _xs(pts, scale),
+                [r[key] for r in pts],
+                color=color,
+                marker="o",
+                markersize=3,
+                linestyle=["-", "--", ":", "-."][j % 4],
+                label=f"{label} {key}",
+            )
+
+
+def _plot_references(loss_ax: Any, evals_ax: Any, run_dirs: list[Path], extra_keys: list[str]) -> None:
+    """OpenAI's GPT-2 as gray lines, where the runs measure what it was measured on."""
+    if any(_fineweb_edu(run_dir) for run_dir in run_dirs):
+        # build-nanogpt's yardstick: OpenAI's GPT-2 (124M) on the same FineWeb-Edu val tokens
+        from .eval import VAL_LOSS_REFERENCES
+
+        ref = VAL_LOSS_REFERENCES["gpt2-124M"]
+        loss_ax.axhline(ref, color="gray", linestyle=":", linewidth=1, label=f"OpenAI GPT-2 124M val ({ref})")
+    if "hellaswag_acc_norm" in extra_keys:
+        from .eval import HELLASWAG_REFERENCES
+
+        for (name, value), style in zip(HELLASWAG_REFERENCES.items(), (":", "-.")):
+            evals_ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} ({value})")
+
+
+def _label_axes(loss_ax: Any, evals_ax: Any, x: str) -> None:
+    loss_ax.set_xlabel("tokens" if x == "tokens" else "step")
+    loss_ax.set_ylabel("loss (nats per token)")
+    loss_ax.set_title("train / val loss")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize=8)
+    if evals_ax is not None:
+        evals_ax.set_xlabel(loss_ax.get_xlabel())
+        evals_ax.set_title("evaluations")
+        evals_ax.grid(alpha=0.3)
+        evals_ax.legend(fontsize=8)
 
 
 def _fineweb_edu(run_dir: Path) -> bool:

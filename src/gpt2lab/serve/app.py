@@ -27,9 +27,15 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 
 def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
     """The app serving `engine`'s models. With `api_key`, every /v1 route needs `Authorization: Bearer KEY`."""
-    limits = limits or Limits()
     app = FastAPI(title="gpt2lab", docs_url=None, redoc_url=None, openapi_url=None)
-    models = {name: (r.tokenizer, r.context) for name, r in engine.runners.items()}
+    _add_error_handlers(app)
+    _add_page_routes(app, engine)
+    _add_api_routes(app, engine, limits or Limits(), _key_check(api_key))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, FastAPI's own 404 and 405 included."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -47,6 +53,10 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         err = APIError(405, f"{request.method} is not allowed on {request.url.path}")
         return JSONResponse(err.body(), status_code=405)
 
+
+def _key_check(api_key: str | None) -> Callable[[Request], None]:
+    """What each /v1 route calls first: raises a 401 APIError unless the request carries `api_key`."""
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -61,6 +71,12 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
             )
         if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
+
+    return check_key
+
+
+def _add_page_routes(app: FastAPI, engine: Engine) -> None:
+    """The routes without a key: the playground, its static files, and the health check."""
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -77,10 +93,15 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
-            "models": list(models),
+            "models": list(engine.runners),
             "running": engine.running_count(),
             "waiting": engine.waiting_count(),
         }
+
+
+def _add_api_routes(app: FastAPI, engine: Engine, limits: Limits, check_key: Callable[[Request], None]) -> None:
+    """OpenAI's /v1/models and /v1/completions."""
+    models = {name: (r.tokenizer, r.context) for name, r in engine.runners.items()}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -97,26 +118,8 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def completions(request: Request) -> Response:
         check_key(request)
         p = plan(parse_body(await request.body()), models, limits)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        emit = _emitter(loop, queue)
-
-        groups = [
-            Group(
-                model=p.model,
-                prompt=ids,
-                n=p.n,
-                first_choice=i * p.n,
-                max_tokens=p.max_tokens,
-                sampling=p.sampling,
-                stop=p.stop,
-                logprobs=p.logprobs,
-                echo_logprobs=p.echo and p.logprobs is not None,
-                emit=emit,
-            )
-            for i, ids in enumerate(p.prompts)
-        ]
+        groups = _groups(p, _emitter(asyncio.get_running_loop(), queue))
         try:
             engine.submit(groups)
         except QueueFull as e:
@@ -133,7 +136,24 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
             )
         return await _collect(engine, groups, p, choices, queue, request)
 
-    return app
+
+def _groups(p: Plan, emit: Callable[[Event], None]) -> list[Group]:
+    """One engine group per prompt, each of `p.n` choices, numbered on from the previous prompt's."""
+    return [
+        Group(
+            model=p.model,
+            prompt=ids,
+            n=p.n,
+            first_choice=i * p.n,
+            max_tokens=p.max_tokens,
+            sampling=p.sampling,
+            stop=p.stop,
+            logprobs=p.logprobs,
+            echo_logprobs=p.echo and p.logprobs is not None,
+            emit=emit,
+        )
+        for i, ids in enumerate(p.prompts)
+    ]
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event]) -> Callable[[Event], None]:
