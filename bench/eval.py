@@ -64,6 +64,7 @@ def synthetic_items(n: int, seed: int = 0) -> list[dict]:
 def build(device: torch.device, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from gpt2lab.accel import pack_for_inference
     from gpt2lab.hf import config_from_hf, state_dict_from_hf
     from gpt2lab.model import GPT
 
@@ -71,7 +72,7 @@ def build(device: torch.device, seed: int = 0):
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     cfg = config_from_hf(hf.config.to_dict())
     ours = GPT.from_state_dict(cfg, state_dict_from_hf(hf.state_dict(), cfg)).eval().to(device)
-    ours.pack_for_cpu_inference(64)  # as `gpt2lab eval` does on CPU
+    pack_for_inference(ours, 64)  # as `gpt2lab eval` does on CPU
     return hf.to(device), ours
 
 

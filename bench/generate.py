@@ -3,7 +3,7 @@
 GPT-2 124M with random weights, a 32-token prompt, 256 new tokens, greedy, at batch 1 and batch 8.
 Each configuration is warmed up once, then timed `--repeats` times alternating the two libraries;
 the median is reported. On CPU, gpt2lab packs its weights for oneDNN once per batch size
-(GPT.pack_for_cpu_inference), where that decodes faster than the plain weights on this machine (timed
+(gpt2lab.accel.pack_for_inference), where that decodes faster than the plain weights on this machine (timed
 once, then kept in gpt2lab's cache); that one-time cost is timed and printed separately.
 
     python bench/generate.py                  # float32, as the README's numbers
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    from gpt2lab.accel import pack_for_inference
     from gpt2lab.generate import SamplingParams, generate
 
     greedy = SamplingParams(temperature=0)
@@ -78,7 +79,7 @@ def main() -> None:
             return out[:, args.prompt_tokens :].tolist()
 
         t_pack = time.perf_counter()
-        packed = ours.pack_for_cpu_inference(batch)
+        packed = pack_for_inference(ours, batch)
         t_pack = time.perf_counter() - t_pack
         generate(ours, prompt[0].tolist(), 8, sampling=greedy, num_samples=batch)  # warm-up
         run_hf_short = hf.generate(prompt.expand(batch, -1), do_sample=False, max_new_tokens=8, pad_token_id=50256)

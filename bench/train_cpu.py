@@ -11,11 +11,11 @@ float32 unless --precision says otherwise. They alternate in blocks of steps; th
 reported, with the ratio of gpt2lab's tokens/s to each peer's. Where the C library is glibc, each model
 also runs both with malloc's defaults and with freed memory kept for reuse (what gpt2lab's trainer sets
 on CPU, `gpt2lab.runtime.keep_freed_memory`): by default every tensor over 32 MB, such as the plain
-model's (1024 x 50304) logits, is a fresh mmap faulted in page by page, which on some VMs costs the
-plain model half its step. The ratios are printed like for like under each setting, and as each runs
-out of the box (gpt2lab's memory kept, the peers' malloc as PyTorch leaves it). The machine's own float32 GEMM rate
-(a 2048^3 matmul, best of several) is measured in the same run, and each model's training FLOP/s
-(6 x parameters + attention, per token) is printed as a fraction of it.
+model's (1024 x 50304) logits, is a fresh mmap faulted in page by page, which can cost the plain model
+much of its step. The ratios are printed like for like under each setting, and as each runs out of
+the box (gpt2lab's memory kept, the peers' malloc as PyTorch leaves it). The machine's own float32
+GEMM rate (a 2048^3 matmul, best of several) is measured in the same run, and each model's training
+FLOP/s (6 x parameters + attention, per token) is printed as a fraction of it.
 
     python bench/train_cpu.py
     python bench/train_cpu.py --threads 1 --rounds 5
@@ -131,13 +131,13 @@ def main() -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from gpt2lab.accel import choose_cpu_loss_kernel, use_fused_loss
     from gpt2lab.hf import state_dict_to_hf
     from gpt2lab.runtime import autocast_dtype, keep_freed_memory
     from gpt2lab.train.build import fresh_model
     from gpt2lab.train.config import load_train_config
     from gpt2lab.train.loop import gradient_accumulation
     from gpt2lab.train.optim import build_optimizer, lr_at, set_lr
-    from gpt2lab.tuning import choose_cpu_loss_kernel
 
     overrides = [f"train.precision={args.precision}"]
     cfg = load_train_config(args.config, overrides)
@@ -150,9 +150,11 @@ def main() -> None:
     ours = fresh_model(cfg, 50257).train()
     c = ours.config
     kernel_note = "float32 CPU loss: autocast, the max-shifted path"
-    if amp is None:  # the kernel the trainer would choose on this machine (gpt2lab/tuning.py)
-        ours.loss_kernel, how = choose_cpu_loss_kernel(c.n_embd, c.vocab_size, c.padded_vocab_size, B * T)
-        kernel_note = f"float32 CPU loss: {ours.loss_kernel}; {how}"
+    kernel = None
+    if amp is None:  # the kernel the trainer would choose on this machine (gpt2lab/accel/tuning.py)
+        kernel, how = choose_cpu_loss_kernel(c.n_embd, c.vocab_size, c.padded_vocab_size, B * T)
+        kernel_note = f"float32 CPU loss: {kernel}; {how}"
+    use_fused_loss(ours, kernel)  # as the trainer runs it
     hf = GPT2LMHeadModel(
         GPT2Config(
             n_layer=c.n_layer,
@@ -176,7 +178,7 @@ def main() -> None:
         batches.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous()))  # (B, T) each, as the loader gives
 
     def ours_loss(x, y):
-        return ours(x, y, return_logits=False)[1]
+        return ours(x, y)[1]
 
     def hf_loss(x, y):
         return hf(input_ids=x, labels=y, shift_labels=y).loss  # shift_labels: y is already shifted

@@ -8,7 +8,7 @@ speed: one process, the same 4 random batches of 64 x 1024 tokens for every row,
 step of gpt2lab's training loop (forward, backward, clipping at 1.0, fused AdamW), one batch per step:
   gpt2lab compiled        torch.compile; the loss through Inductor's cross-entropy (model.py)
   evaluation              validation loss at the same batch size after those steps: peak memory
-  gpt2lab eager           a few steps through the chunked loss of losses.py; the first step's loss and
+  gpt2lab eager           a few steps through the chunked loss of accel/loss.py; the first step's loss and
                           gradient norm must match the compiled row's (same weights, same batch)
   transformers compiled   GPT2LMHeadModel with sdpa attention, the same step
   gpt2lab deterministic   the compiled row under train.deterministic (runtime.deterministic)
@@ -102,6 +102,7 @@ def speed(args: argparse.Namespace) -> int:
     torch = bench.torch
     import numpy as np
 
+    from gpt2lab.accel import use_fused_loss
     from gpt2lab.config import GPTConfig
     from gpt2lab.eval.common import EvalContext
     from gpt2lab.eval.val_loss import val_loss
@@ -141,7 +142,7 @@ def speed(args: argparse.Namespace) -> int:
 
     def build_gpt2lab() -> torch.nn.Module:
         torch.manual_seed(0)  # every gpt2lab row starts from the same weights
-        return GPT(gpt_config(64)).to(device).train()
+        return use_fused_loss(GPT(gpt_config(64)).to(device).train())  # as the trainer runs it
 
     def build_transformers() -> torch.nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -158,7 +159,7 @@ def speed(args: argparse.Namespace) -> int:
         return model
 
     def gpt2lab_loss(m, x, y):
-        return m(x, y, return_logits=False)[1]
+        return m(x, y)[1]
 
     def transformers_loss(m, x, y):
         logits = m(input_ids=x).logits  # (B, T, V); y are already the next tokens

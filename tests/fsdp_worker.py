@@ -59,7 +59,7 @@ def main() -> None:
     # One more backward, for gradients to measure (the step leaves none: zero_grad(set_to_none=True)).
     t = trainer.cfg.train
     x, y = torch.randint(0, trainer.tokenizer.n_vocab, (2, t.batch_size, t.seq_len))
-    _, loss = trainer.train_model(x, y, return_logits=False)
+    _, loss = trainer.train_model(x, y)
     loss.backward()
     params = list(trainer.model.parameters())
     held = {

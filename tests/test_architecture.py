@@ -21,13 +21,12 @@ LAYERS = {
         "gpt2lab.errors",
         "gpt2lab.fileio",
         "gpt2lab.jsonl",
-        "gpt2lab.losses",
         "gpt2lab.runtime",
         "gpt2lab.tokenizer",
-        "gpt2lab.tuning",
     ),
     "config": ("gpt2lab.config",),
     "model": ("gpt2lab.model",),
+    "accel": ("gpt2lab.accel",),
     "model users": ("gpt2lab.checkpoint", "gpt2lab.distributed", "gpt2lab.generate", "gpt2lab.hf"),
     "data": ("gpt2lab.data", "gpt2lab.tokenizer_train"),
     "eval": ("gpt2lab.eval",),
@@ -130,13 +129,24 @@ def test_imports_run_down_the_layers():
     assert wrong == []
 
 
-def test_the_model_imports_no_training_evaluation_or_cli_code():
+def test_the_model_file_is_plain_gpt2():
+    """model.py imports torch and the config only, reads top to bottom in one sitting, and knows nothing
+    of CPUs, kernels, packing, timing or measurements: those are applied from outside (gpt2lab.accel)."""
     _, imported = imports_of("gpt2lab.model")
-    assert sorted(i for i in imported if i.startswith("gpt2lab")) == [
+    assert sorted(imported - {"__future__"}) == [
+        "collections.abc",
+        "copy",
         "gpt2lab.config",
-        "gpt2lab.losses",
-        "gpt2lab.tuning",
+        "torch",
+        "torch.nn",
+        "torch.nn.functional",
     ]
+    text = MODULES["gpt2lab.model"].read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 300
+    words = ("oneDNN", "mkldnn", "MKL", "AVX", "CPU", "kernel", "pack", "tuning", "perf_counter", "time.", "accel")
+    assert [w for w in words if w in text] == []
+    classes = [n.name for n in ast.parse(text).body if isinstance(n, ast.ClassDef)]
+    assert classes == ["CausalSelfAttention", "MLP", "Block", "GPT", "KVCache"]
 
 
 def loaded_by(name: str) -> set[str]:

@@ -58,7 +58,8 @@ def test_cached_equals_uncached_including_window_slides(num_samples):
 
 
 def test_the_cache_reads_only_the_positions_it_filled(monkeypatch):
-    # KVCache is not zeroed: fill it with NaN first, and decoding must still equal the uncached logits.
+    # Rows side by side read only the positions they filled: with the cache full of NaN first, decoding
+    # must still equal the uncached logits.
     from gpt2lab import model as model_module
 
     real = model_module.KVCache.__init__

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt2lab.config import MODEL_PRESETS, GPTConfig
-from gpt2lab.model import GPT, KVCache, Linear, count_parameters, unwrap
+from gpt2lab.model import GPT, KVCache, count_parameters, unwrap
 
 
 def test_gpt2_preset_has_124439808_parameters():
@@ -97,7 +97,7 @@ def test_kv_cache_chunks_match_full_forward():
     cache = KVCache(cfg, batch_size=3)
     pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in [(0, 7), (7, 8), (8, 15), (15, 20)]]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
-    assert cache.pos == 20
+    assert cache.pos == [20, 20, 20]
 
 
 def test_forward_rejects_sequences_longer_than_context():
@@ -106,52 +106,47 @@ def test_forward_rejects_sequences_longer_than_context():
         model(torch.zeros(1, 5, dtype=torch.long))
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
-def test_packed_cpu_weights_give_the_same_outputs(dtype, atol):
+def test_kv_cache_rows_at_their_own_positions_match_each_row_alone():
+    # The server's use: rows join at their own positions, are fed in any order, and one may be named
+    # twice (a lone row decoded as two); each row's logits equal its sequence run alone without a cache.
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)).eval().to(dtype)
-    idx = torch.randint(0, 100, (3, 16))
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64)
+    model = GPT(cfg).eval()
+    seqs = torch.randint(0, 64, (3, 20))
+    cache = KVCache(cfg, batch_size=4)
     with torch.no_grad():
-        plain, _ = model(idx)
-    # Whether oneDNN packs a dtype depends on the CPU (bf16 needs AVX512-BF16 or AMX in some builds):
-    # where packing declines, the model must keep running on the plain weights, exactly.
-    if model.pack_for_cpu_inference(3):
-        assert all(m.packed is not None for m in linears)
-        with torch.no_grad():
-            packed, _ = model(idx)
-        torch.testing.assert_close(packed.float(), plain.float(), rtol=0, atol=atol)
-    else:
-        assert all(m.packed is None for m in linears)
-        with torch.no_grad():
-            unpacked, _ = model(idx)
-        torch.testing.assert_close(unpacked, plain, rtol=0, atol=0)
-    # With autograd on, the parameters themselves are used (gradients flow as usual).
+        for row, (seq, n) in zip([3, 0, 2], [(0, 4), (1, 9), (2, 6)]):
+            model(seqs[seq : seq + 1, :n], cache=cache.select([row]))
+        assert cache.pos == [9, 0, 6, 4]
+        got, _ = model(torch.stack([seqs[2, 6:7], seqs[0, 4:5], seqs[1, 9:10]]), cache=cache.select([2, 3, 0]))
+        twice, _ = model(torch.stack([seqs[0, 5:6]] * 2), cache=cache.select([3, 3]))
+        assert cache.pos == [10, 0, 7, 6]
+        for i, (seq, n) in enumerate([(2, 7), (0, 5), (1, 10)]):
+            alone, _ = model(seqs[seq : seq + 1, :n])
+            torch.testing.assert_close(got[i, -1], alone[0, -1], rtol=0, atol=1e-5)
+        alone, _ = model(seqs[0:1, :6])
+        torch.testing.assert_close(twice[:, -1], alone[:, -1].expand(2, -1), rtol=0, atol=1e-5)
+        cache.copy_row(2, 1)
+        assert cache.pos[1] == 7 and torch.equal(cache.k[:, 1, :, :7], cache.k[:, 2, :, :7])
+    with pytest.raises(ValueError, match="longer than the KV cache"):
+        model(seqs[:1, :1], cache=_full_cache(cfg, model))
+
+
+def _full_cache(cfg, model):
+    cache = KVCache(cfg, 1, max_len=4)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+    return cache
+
+
+def test_hidden_states_and_head_are_the_forward_pass():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, pad_vocab_multiple=64))
+    idx = torch.randint(0, 50, (2, 8))
     logits, _ = model(idx)
-    assert logits.requires_grad
-
-
-def test_packed_weights_never_go_stale_and_train_drops_them():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40)).eval()
-    idx = torch.randint(0, 40, (1, 8))
-    packs = model.pack_for_cpu_inference(1)  # where oneDNN declines, all below runs on plain weights
-    with torch.no_grad():
-        before, _ = model(idx)
-        model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an optimizer step would do the same
-        changed, _ = model(idx)
-        model.pack_for_cpu_inference(None)
-        expected, _ = model(idx)
-    # The other layers still run packed in `changed`: oneDNN's products round differently from MKL's on
-    # some CPUs (an Intel Xeon with AVX2 kernels), so equal to float32 rounding, and far from a stale pack.
-    torch.testing.assert_close(changed, expected, rtol=1e-5, atol=1e-6)
-    assert (before - expected).abs().max() > 1e-3
-    assert model.pack_for_cpu_inference(1) == packs
-    assert (model.transformer.h[0].mlp.c_fc.packed is not None) == packs
-    model.train()
-    assert all(getattr(m, "packed", None) is None for m in model.modules())
-    model.eval()
-    assert not model.to(torch.float16).pack_for_cpu_inference(1)  # not packed: plain kernels
+    hidden = model.hidden_states(idx)
+    assert hidden.shape == (2, 8, 16) and logits.shape == (2, 8, 50)
+    assert torch.equal(model.head(hidden), logits)
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,10 @@ import pytest
 import torch
 from serve_utils import tiny_model
 
+from gpt2lab.accel import pack_for_inference
 from gpt2lab.generate import SamplingParams, generate
 from gpt2lab.model import KVCache
-from gpt2lab.serve.batch import SlotPool, decode_step, prefill
+from gpt2lab.serve.batch import decode_step, new_pool, prefill
 from gpt2lab.serve.engine import Engine, Event, Group, ModelRunner
 from gpt2lab.serve.text import TokenText
 from gpt2lab.tokenizer import get_tokenizer
@@ -30,7 +31,7 @@ SAMPLE_ATOL = 2e-5  # the server's logits against `generate`'s (see the test)
 def decode_alongside(model, prompt, steps, others):
     """Greedy-decode `prompt` for `steps` tokens in slot 0 while `others` (prompts) decode in the other
     slots, each joining one step after the previous; returns slot 0's logits per step, (steps, V)."""
-    pool = SlotPool(model.config, 8, model.device, torch.float32)
+    pool = new_pool(model, 8)
     rows = [[0, len(prompt), None]]  # slot, position, next token
     logits = [prefill(model, pool, 0, prompt)[0]]
     rows[0][2] = int(logits[0].argmax())
@@ -40,7 +41,8 @@ def decode_alongside(model, prompt, steps, others):
             p = pending.pop(0)
             slot = len(rows)
             rows.append([slot, len(p), int(prefill(model, pool, slot, p)[0].argmax())])
-        out = decode_step(model, pool, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+        assert [pool.pos[r[0]] for r in rows] == [r[1] for r in rows]  # the cache keeps each row's position
+        out = decode_step(model, pool, [r[0] for r in rows], [r[2] for r in rows])
         logits.append(out[0])
         for r, row in zip(rows, out):
             r[1] += 1
@@ -51,7 +53,7 @@ def decode_alongside(model, prompt, steps, others):
 @pytest.fixture(scope="module")
 def wide():
     model = tiny_model(seed=5, **WIDE)
-    model.pack_for_cpu_inference(8)  # as ModelRunner does
+    pack_for_inference(model, 8)  # as ModelRunner does
     return model
 
 
@@ -83,11 +85,11 @@ def test_greedy_tokens_equal_generate_and_the_logits_agree_to_float32_rounding(w
         assert ours.argmax(-1).tolist() == sampled
         with torch.inference_mode():  # generate's own calls, with the weights it packed for one row
             cache = KVCache(wide.config, 1)
-            theirs = [wide(torch.tensor([prompt]), cache=cache, last_only=True)[0][0, -1]]
+            theirs = [wide.head(wide.hidden_states(torch.tensor([prompt]), cache)[:, -1])[0]]
             for t in sampled[:-1]:
-                theirs.append(wide(torch.tensor([[t]]), cache=cache, last_only=True)[0][0, -1])
+                theirs.append(wide.head(wide.hidden_states(torch.tensor([[t]]), cache)[:, -1])[0])
         torch.testing.assert_close(ours, torch.stack(theirs), rtol=0, atol=SAMPLE_ATOL)
-        wide.pack_for_cpu_inference(8)
+        pack_for_inference(wide, 8)
 
 
 # -- the engine, driven one round at a time on this thread --------------------------------------------

@@ -12,6 +12,7 @@ pytest.importorskip("uvicorn")
 import torch
 from serve_utils import complete, request, running_server, stream_all, tiny_model
 
+from gpt2lab.accel import pack_for_inference
 from gpt2lab.checkpoint import save_model
 from gpt2lab.tokenizer import get_tokenizer
 
@@ -73,7 +74,7 @@ def test_endoftext_ends_a_choice_and_is_in_neither_text_nor_logprobs():
         with torch.no_grad():  # <|endoftext|> just above the 4th greedy token: it comes 4th or sooner
             fourth = tok.encode(before[3])[0]
             model.lm_head.weight[tok.eot_token] = 1.05 * model.lm_head.weight[fourth]
-        model.pack_for_cpu_inference(8)
+        pack_for_inference(model, 8)  # the packs are stale: made again, as a new server would
         out = complete(base, body)
     choice = out["choices"][0]
     assert choice["finish_reason"] == "stop"

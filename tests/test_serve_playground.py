@@ -239,10 +239,11 @@ def trained_pair(steps: tuple[int, int] = (60, 400)) -> dict[str, Any]:
     import torch
     from helpers import shakespeare_text
 
+    from gpt2lab.accel import use_fused_loss
     from gpt2lab.tokenizer import get_tokenizer
 
     ids = torch.tensor(get_tokenizer().encode_ordinary(shakespeare_text()[:400_000]))
-    model = tiny_model(seed=0, n_embd=64, n_head=4).train()
+    model = use_fused_loss(tiny_model(seed=0, n_embd=64, n_head=4).train())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     T, B, out = 64, 8, {}
@@ -250,7 +251,7 @@ def trained_pair(steps: tuple[int, int] = (60, 400)) -> dict[str, Any]:
         ix = torch.randint(len(ids) - T - 1, (B,), generator=gen).tolist()
         x = torch.stack([ids[i : i + T] for i in ix])  # (B, T)
         y = torch.stack([ids[i + 1 : i + T + 1] for i in ix])  # (B, T)
-        _, loss = model(x, y, return_logits=False)
+        _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -7,8 +7,9 @@ import torch
 import torch._dynamo
 from train_utils import tiny_config, train_losses
 
+from gpt2lab.accel import use_fused_loss
 from gpt2lab.config import GPTConfig
-from gpt2lab.model import GPT, Linear
+from gpt2lab.model import GPT
 from gpt2lab.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,35 +40,15 @@ def test_evaluation_sample_checkpoint_and_resume_never_recompile(corpus, tmp_pat
     assert [s for s, _ in train_losses(tmp_path / "run")] == [1, 2, 3, 4]
 
 
-def test_packing_leaves_unpacked_and_non_cpu_models_untouched():
-    torch.manual_seed(0)
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40)
-    model = GPT(config).eval()
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    before = [dict(vars(m)) for m in linears]
-    assert not model.pack_for_cpu_inference(None)
-    assert [dict(vars(m)) for m in linears] == before  # nothing was packed, nothing is touched
-    if model.pack_for_cpu_inference(1):  # oneDNN packing exists in this build of torch
-        assert all("packed" in vars(m) for m in linears)
-    model.train()
-    assert [vars(m).keys() for m in linears] == [d.keys() for d in before]  # the same dict as never packed
-
-    with torch.device("meta"):
-        elsewhere = GPT(config).eval()  # a model on a device that is not the CPU
-    linears = [m for m in elsewhere.modules() if isinstance(m, Linear)]
-    before = [dict(vars(m)) for m in linears]
-    assert not elsewhere.pack_for_cpu_inference(1)
-    assert [dict(vars(m)) for m in linears] == before
-
-
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_training_forward_and_loss_compile_to_one_graph(dtype):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, dropout=0.1)).train()
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, dropout=0.1)
+    model = use_fused_loss(GPT(config).train())  # as the trainer runs it; compiled, the plain loss
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        explained = torch._dynamo.explain(model)(x, y, return_logits=False)
+        explained = torch._dynamo.explain(model)(x, y)
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from train_utils import tiny_config, train_losses
 
 from gpt2lab import checkpoint as ckpt
+from gpt2lab.accel import use_fused_loss
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
@@ -214,7 +215,7 @@ def saved_bytes(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(*batch, return_logits=False)
+        _, loss = model(*batch)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in storages.items() if ptr not in params)
 
@@ -232,7 +233,7 @@ def test_activation_checkpointing_gives_the_same_losses_with_less_memory(corpus,
     # What the forward keeps, measured against the plan's formula (float32, no dropout), 4 layers.
     config = GPTConfig.from_preset("gpt-nano", n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=50257)
     torch.manual_seed(0)
-    model = GPT(config)
+    model = use_fused_loss(GPT(config))  # as the trainer runs it
     batch = (torch.randint(0, 50257, (4, 64)), torch.randint(0, 50257, (4, 64)))
     without = saved_bytes(model, batch)
     enable_activation_checkpointing(model)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from gpt2lab.accel import linear_cross_entropy, use_fused_loss
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.losses import linear_cross_entropy
 from gpt2lab.model import GPT
 from gpt2lab.train.config import OptimSection
 from gpt2lab.train.optim import (
@@ -267,7 +267,7 @@ def test_model_training_path_matches_logits_path():
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, pad_vocab_multiple=64))
     x, y = torch.randint(0, 50257, (3, 8)), torch.randint(0, 50257, (3, 8))
     logits, plain = model(x, y)
-    none, fused = model(x, y, return_logits=False)
+    none, fused = use_fused_loss(model)(x, y)
     assert none is None and logits.shape == (3, 8, 50257)
     torch.testing.assert_close(fused, plain)
 
@@ -282,7 +282,7 @@ def test_model_gradients_of_the_fused_loss_match_the_logits_path_and_are_not_ali
     model(x, y)[1].backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    fused = model(x, y, return_logits=False)[1]
+    fused = use_fused_loss(model)(x, y)[1]
     fused.backward(retain_graph=True)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -293,11 +293,11 @@ def test_model_gradients_of_the_fused_loss_match_the_logits_path_and_are_not_ali
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, pad_vocab_multiple=64))
+    model = use_fused_loss(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, pad_vocab_multiple=64)))
     opt = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.0), torch.device("cpu"))
     x = torch.randint(0, 50257, (4, 17))
     for _ in range(60):
-        _, loss = model(x[:, :-1], x[:, 1:], return_logits=False)
+        _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

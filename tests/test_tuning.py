@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from train_utils import tiny_config, train_losses
 
-import gpt2lab.train.loop as loop
+from gpt2lab import accel
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import tuning
+from gpt2lab.accel import tuning
+from gpt2lab.accel.loss import CpuLossKernel, linear_cross_entropy
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.losses import CpuLossKernel, linear_cross_entropy
 from gpt2lab.train import train
 
 FASTEST = CpuLossKernel(128, "exp", "token-major")
@@ -146,7 +146,7 @@ def run_meta(run_dir, step):
 @pytest.mark.usefixtures("one_thread")
 def test_a_run_records_its_kernel_and_a_resumed_run_keeps_it(corpus, tmp_path, monkeypatch):
     chosen = CpuLossKernel(8, "exp", "token-major")  # 8-token chunks: the tiny model's 64-token batches take 8 of them
-    monkeypatch.setattr(loop, "choose_cpu_loss_kernel", lambda *shape: (chosen, "chosen by the test"))
+    monkeypatch.setattr(accel, "choose_cpu_loss_kernel", lambda *shape: (chosen, "chosen by the test"))
     straight = train(tiny_config(corpus, tmp_path / "straight"), progress=False)
     part = train(tiny_config(corpus, tmp_path / "resumed"), stop_at=5, progress=False)
     assert run_meta(tmp_path / "resumed", 4)["cpu_loss_kernel"] == chosen.to_dict()
@@ -154,7 +154,7 @@ def test_a_run_records_its_kernel_and_a_resumed_run_keeps_it(corpus, tmp_path, m
     def refuse(*shape):
         raise AssertionError("a resumed run measured again")
 
-    monkeypatch.setattr(loop, "choose_cpu_loss_kernel", refuse)
+    monkeypatch.setattr(accel, "choose_cpu_loss_kernel", refuse)
     rest = train(tiny_config(corpus, tmp_path / "resumed"), resume="auto", progress=False)
     assert (straight.step, part.step, rest.step) == (8, 5, 8)
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
@@ -172,80 +172,12 @@ def test_the_kernel_changes_the_rounding_only(corpus, tmp_path, monkeypatch):
     # Two kernels train the same model to the same losses, up to float32 rounding over 8 steps.
     losses = {}
     for kernel in (CpuLossKernel(8, "exp", "token-major"), CpuLossKernel(64, "exp2")):
-        monkeypatch.setattr(loop, "choose_cpu_loss_kernel", lambda *shape, k=kernel: (k, "test"))
+        monkeypatch.setattr(accel, "choose_cpu_loss_kernel", lambda *shape, k=kernel: (k, "test"))
         train(tiny_config(corpus, tmp_path / str(kernel.chunk)), progress=False)
         losses[kernel] = [loss for _, loss in train_losses(tmp_path / str(kernel.chunk))]
     a, b = losses.values()
     assert a != b  # not the same bits,
     assert a == pytest.approx(b, rel=1e-4)  # but the same training
-
-
-def tiny_gpt(seed=0):
-    from gpt2lab.config import GPTConfig
-    from gpt2lab.model import GPT
-
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=300)).eval()
-
-
-def packed_modules(model):
-    return [name for name, m in model.named_modules() if "packed" in m.__dict__]
-
-
-@pytest.fixture
-def fake_decode(monkeypatch):
-    """Every model counts as big enough to time; GPT.time_decode_step replaced by timings in which the
-    plain weights win at batch 1 and the packed ones at other sizes. The calls are counted."""
-    from gpt2lab.model import GPT
-
-    calls = []
-
-    def timed(self, batch_size, rounds=3, context=32):
-        assert packed_modules(self)  # what is timed against the plain weights is packed already
-        calls.append(batch_size)
-        return {"packed": 0.03, "plain": 0.02} if batch_size == 1 else {"packed": 0.02, "plain": 0.03}
-
-    monkeypatch.setattr(tuning, "DECODE_MIN_BYTES", 0)
-    monkeypatch.setattr(GPT, "time_decode_step", timed)
-    return calls
-
-
-def test_decoding_drops_the_packed_weights_where_the_plain_ones_are_faster(fake_decode, offline_env, monkeypatch):
-    if not tiny_gpt().pack_for_cpu_inference(4):
-        pytest.skip("this build of torch has no oneDNN packing")
-    assert fake_decode == [4]
-    model = tiny_gpt()
-    assert model.pack_for_cpu_inference(1) is False
-    assert fake_decode == [4, 1] and packed_modules(model) == []
-    assert model.pack_for_cpu_inference(1) is False and fake_decode == [4, 1]  # decided: no second timing
-
-    from gpt2lab.model import Linear
-
-    def refuse(self, batch_size):
-        raise AssertionError("packed although the cache says the plain weights are faster")
-
-    monkeypatch.setattr(Linear, "pack", refuse)
-    again = tiny_gpt(seed=1)  # another model of the same shape: the cache answers, nothing is packed
-    assert again.pack_for_cpu_inference(1) is False and fake_decode == [4, 1]
-    entries = json.loads((offline_env / "gpt2lab" / tuning.CACHE_NAME).read_text())
-    assert sorted(e["packed"] for k, e in entries.items() if k.startswith("decode")) == [False, True]
-
-
-def test_a_decoding_step_is_timed_both_ways_and_the_packs_are_put_back():
-    model = tiny_gpt()
-    if not model.pack_for_cpu_inference(2):
-        pytest.skip("this build of torch has no oneDNN packing")
-    before = packed_modules(model)
-    timings = model.time_decode_step(2, rounds=2)
-    assert set(timings) == {"packed", "plain"} and all(0 < t < 5 for t in timings.values())
-    assert packed_modules(model) == before
-    x = torch.randint(0, 300, (2, 5))
-    with torch.inference_mode():
-        packed = model(x)[0]
-        with model.packs_set_aside():
-            assert packed_modules(model) == []
-            plain = model(x)[0]
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_small_models_are_packed_untimed(offline_env):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import accel
 from .model import GPT, KVCache
 from .tokenizer import Tokenizer
 
@@ -119,8 +120,7 @@ def generate_tokens(
     ends once every sample has produced it (samples that ended earlier keep being decoded meanwhile);
     any other stopping is the caller's choice: break out of the loop.
     """
-    # On CPU, decoding reads every weight for each token: use oneDNN-packed weights (see Linear).
-    model.pack_for_cpu_inference(num_samples)
+    accel.pack_for_inference(model, num_samples)  # on a CPU, where packed weights decode faster
     yield from _decode(model, prompt, max_new_tokens, sampling, num_samples, use_cache, stats)
 
 
@@ -163,8 +163,7 @@ def _decode(
     def window_logits(new_start: int) -> torch.Tensor:
         if cache is not None:
             cache.reset()
-        logits, _ = model(seq[:, new_start:], cache=cache, last_only=True)
-        return logits[:, -1, :]  # (S, V)
+        return model.head(model.hidden_states(seq[:, new_start:], cache)[:, -1])  # (S, V)
 
     t0 = time.perf_counter()
     logits = window_logits(start)
@@ -187,7 +186,7 @@ def _decode(
             stats.slides += 1
             logits = window_logits(start)
         elif cache is not None:
-            logits = model(nxt.unsqueeze(1), cache=cache, last_only=True)[0][:, -1, :]
+            logits = model.head(model.hidden_states(nxt.unsqueeze(1), cache)[:, -1])  # (S, V)
         else:
             logits = window_logits(start)
     stats.decode_seconds = time.perf_counter() - t0

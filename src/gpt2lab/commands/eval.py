@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         model, tok = load_model_and_tokenizer(
             args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer
         )
-        # On CPU, oneDNN-packed weights make every forward pass 2-3x faster (see model.Linear).
-        model.pack_for_cpu_inference(64)
+        from ..accel import pack_for_inference
+
+        pack_for_inference(model, 64)  # on a CPU, where packed weights are faster (gpt2lab/accel)
         started = time.perf_counter()
         task = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity}[args.task]
         ctx = EvalContext(

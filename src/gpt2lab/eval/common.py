@@ -148,47 +148,20 @@ def hidden_at(
     cols: torch.Tensor | None = None,
     cache: KVCache | None = None,
 ) -> torch.Tensor:
-    """Final hidden states (after ln_f) of a forward pass over `idx`, without the output projection.
-
-    idx: (B, T) token ids; rows, cols: (N,) long tensors on idx's device selecting the positions
-    (rows[i], cols[i]), shape (N, C); without them every position, in row-major order, (B * T, C).
-    cache: as in GPT.forward (the T tokens follow the cached ones).
-
-    A forward hook on the final LayerNorm keeps the hidden states and hands `lm_head` an empty
-    (B, 0, C) batch, so `GPT.forward` runs unchanged and no logits are made. The model runs eagerly:
-    a hook cannot reach into a torch.compile graph.
-    """
-    gpt = unwrap(model)
-    kept: list[torch.Tensor] = []
-
-    def keep_hidden(module: nn.Module, args: tuple, hidden: torch.Tensor) -> torch.Tensor:
-        kept.append(hidden.reshape(-1, hidden.size(-1)) if rows is None else hidden[rows, cols])  # (N, C)
-        return hidden[:, :0]  # (B, 0, C): nothing left for lm_head to project
-
-    handle = gpt.transformer.ln_f.register_forward_hook(keep_hidden)
-    try:
-        gpt(idx, cache=cache)
-    finally:
-        handle.remove()
-    assert len(kept) == 1, len(kept)
-    return kept[0]
+    """Final hidden states of a forward pass over `idx` (GPT.hidden_states): at the positions
+    (rows[i], cols[i]), (N, C), or without rows and cols at every position in row-major order, (B * T, C).
+    idx: (B, T) token ids; rows, cols: (N,) long tensors on idx's device; cache: as in GPT.forward."""
+    hidden = unwrap(model).hidden_states(idx, cache)  # (B, T, C)
+    return hidden.reshape(-1, hidden.size(-1)) if rows is None else hidden[rows, cols]
 
 
 def logits_at(
     model: nn.Module, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cache: KVCache | None = None
 ) -> torch.Tensor:
-    """Logits at the positions (rows[i], cols[i]) of a forward pass over `idx` only, shape (N, V).
-
-    idx: (B, T) token ids; rows, cols: (N,) long tensors on idx's device; cache: as in GPT.forward
-    (the T tokens follow the cached ones).
-
-    Evaluations score a subset of positions (the HellaSwag endings). The output projection is the
-    single largest matmul of GPT-2 124M (768 x 50257, about a third of its forward FLOPs) and a
-    (B, T, V) float32 logits tensor is the largest allocation, so they are computed for the scored
-    positions only (see hidden_at).
-    """
+    """Logits at the positions (rows[i], cols[i]) of a forward pass over `idx` only, (N, V): the output
+    projection, GPT-2's largest matmul, runs for the scored positions alone. Arguments as in hidden_at."""
     gpt = unwrap(model)
-    return gpt.lm_head(hidden_at(gpt, idx, rows, cols, cache))[:, : gpt.config.vocab_size]  # (N, V)
+    return gpt.head(hidden_at(gpt, idx, rows, cols, cache))  # (N, V)
 
 
 def nll_chunk_rows(device: torch.device) -> int:
@@ -207,12 +180,10 @@ def token_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chu
     """
     gpt = unwrap(model)
     chunk = chunk or nll_chunk_rows(hidden.device)
-    vocab = gpt.config.vocab_size
     out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)  # (N,)
     for start in range(0, hidden.size(0), chunk):
         end = min(start + chunk, hidden.size(0))
-        logits = gpt.lm_head(hidden[start:end])[:, :vocab]  # (c, V): padding rows never enter a softmax
-        out[start:end] = token_losses(logits, targets[start:end])
+        out[start:end] = token_losses(gpt.head(hidden[start:end]), targets[start:end])  # logits (c, V)
     return out
 
 

@@ -258,13 +258,11 @@ def _score_shared_context(
     r, c = (torch.arange(te).unsqueeze(0) < (lengths - 1).unsqueeze(1)).nonzero(as_tuple=True)  # (N,) each
     r, c = r.to(device), c.to(device)
     with autocast(device, autocast_dtype):
-        prefix = KVCache(gpt.config, 1, tc, device=device, dtype=dtype)
-        last_pos = torch.tensor([tc - 1], device=device)
-        last = logits_at(gpt, ctx, torch.zeros_like(last_pos), last_pos, cache=prefix)  # (1, V)
         cache = KVCache(gpt.config, NUM_ENDINGS, tc + te, device=device, dtype=dtype)
-        cache.k[:, :, :, :tc] = prefix.k  # (n_layer, 1 -> 4, nh, Tc, hs): the endings share the context
-        cache.v[:, :, :, :tc] = prefix.v
-        cache.pos = tc
+        last_pos = torch.tensor([tc - 1], device=device)
+        last = logits_at(gpt, ctx, torch.zeros_like(last_pos), last_pos, cache=cache.select([0]))  # (1, V)
+        for row in range(1, NUM_ENDINGS):  # the endings share the context
+            cache.copy_row(0, row)
         logits = logits_at(gpt, ends, r, c, cache=cache) if r.numel() else None  # (N, V)
     sums = token_losses(last.expand(NUM_ENDINGS, -1), ends[:, 0]).double()  # (4,) first ending tokens
     if logits is not None:

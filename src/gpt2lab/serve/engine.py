@@ -2,7 +2,7 @@
 
 A request becomes one `Group` per prompt (its `n` choices share the prompt). Groups wait in a bounded
 queue; between two decode steps the engine drops the sequences whose client went away, admits waiting
-groups into free slots of the model's `SlotPool` (prefilling each prompt alone, exactly as `generate`
+groups into free rows (slots) of the model's KV cache (prefilling each prompt alone, exactly as `generate`
 does), then runs one `decode_step` over all of that model's running sequences. A sequence leaves as
 soon as it ends, so a short request never waits for a long one.
 
@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import accel
 from ..generate import SamplingParams, sample_next
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from .batch import SlotPool, decode_step, prefill, prompt_logprobs
+from .batch import decode_step, new_pool, prefill, prompt_logprobs
 from .text import StopMatcher, TokenText, token_text
 
 
@@ -90,7 +91,6 @@ class _Running:
     group: Group
     choice: int
     slot: int
-    pos: int  # positions of the slot already filled
     last: int  # the token to feed next
     generator: torch.Generator
     text: TokenText
@@ -109,9 +109,8 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.context = model.config.block_size
-        # On CPU the decode step reads every weight per step: oneDNN-packed weights (model.py, Linear).
-        model.pack_for_cpu_inference(max_batch)
-        self.pool = SlotPool(model.config, max_batch, model.device, model.lm_head.weight.dtype)
+        accel.pack_for_inference(model, max_batch)  # on a CPU, where packed weights decode faster
+        self.pool = new_pool(model, max_batch)
         self.free = list(range(max_batch - 1, -1, -1))
         self.waiting: collections.deque[Group] = collections.deque()
         self.running: list[_Running] = []
@@ -144,11 +143,8 @@ class ModelRunner:
         if not self.running:
             return
         batch = list(self.running)
-        logits = decode_step(
-            self.model, self.pool, [r.slot for r in batch], [r.pos for r in batch], [r.last for r in batch]
-        )
+        logits = decode_step(self.model, self.pool, [r.slot for r in batch], [r.last for r in batch])
         for r, row in zip(batch, logits):
-            r.pos += 1
             self._advance(r, row.unsqueeze(0))
 
     # -- sequences -----------------------------------------------------------------------------------
@@ -179,7 +175,7 @@ class ModelRunner:
             return
         logits = prefill(self.model, self.pool, slots[0], group.prompt)  # (1, V)
         for s in slots[1:]:
-            self.pool.copy(slots[0], s, len(group.prompt))
+            self.pool.copy_row(slots[0], s)
         base_seed = group.sampling.seed if group.sampling.seed is not None else secrets.randbits(62)
         for j, slot in enumerate(slots):
             gen = torch.Generator(device=self.model.device)
@@ -188,7 +184,6 @@ class ModelRunner:
                 group=group,
                 choice=group.first_choice + j,
                 slot=slot,
-                pos=len(group.prompt),
                 last=-1,
                 generator=gen,
                 text=TokenText(self.tokenizer),

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from .. import accel
 from ..errors import GPT2LabError
 from ..eval.common import EvalContext
 from ..generate import SamplingParams, generate
@@ -98,6 +99,7 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: i
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
         out = generate(model, ids, max_new_tokens, sampling=SamplingParams(temperature=0.8, top_k=200, seed=seed))
     finally:
+        accel.unpack(model)  # generate may have packed weights for decoding; training runs on the plain ones
         model.train(was_training)
     return tokenizer.decode(out.tokens[0])
 

@@ -34,15 +34,16 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import accel
 from .. import checkpoint as ckpt
 from .. import distributed as D
+from ..accel import CpuLossKernel
 from ..config import GPTConfig
 from ..data import ShardLoader, data_tokenizer
 from ..data.prefetch import PrefetchLoader
 from ..data.shards import MANIFEST_NAME
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_text
-from ..losses import CpuLossKernel
 from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
 from ..runtime import (
     autocast,
@@ -54,7 +55,6 @@ from ..runtime import (
     seed_everything,
 )
 from ..tokenizer import Tokenizer, get_tokenizer
-from ..tuning import choose_cpu_loss_kernel
 from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
 from .config import TrainConfig, to_toml
 from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
@@ -225,7 +225,7 @@ class Trainer:
             )
         self.model = model.to(self.device)
         self.loss_kernel, self.loss_kernel_how = self._loss_kernel(meta.get("training", {}).get("cpu_loss_kernel"))
-        self.model.loss_kernel = self.loss_kernel
+        accel.use_fused_loss(self.model, self.loss_kernel)  # a no-op where GPT2LAB_ACCEL=0
         c = cfg.checkpoint
         self.checkpoints = CheckpointWriter(
             self.run_dir, self.env, model.config, self.tokenizer, c.keep_last, c.keep_best, sharded=self.fsdp
@@ -259,19 +259,19 @@ class Trainer:
         self.val_step = -1  # the step last_val was measured at
 
     def _loss_kernel(self, saved: dict[str, Any] | None) -> tuple[CpuLossKernel | None, str]:
-        """The float32 CPU loss's chunk size and exponential (gpt2lab/losses.py): a resumed run keeps its
-        own, a new one takes what is fastest on this machine (gpt2lab/tuning.py), rank 0's on every rank.
-        None where that path is not taken (a GPU, autocast)."""
+        """The float32 CPU loss's chunk size and exponential (gpt2lab/accel/loss.py): a resumed run keeps
+        its own, a new one takes what is fastest on this machine (accel/tuning.py), rank 0's on every rank.
+        None where that path is not taken (a GPU, autocast, GPT2LAB_ACCEL=0)."""
         t = self.cfg.train
         float32 = self.amp_dtype is None and next(self.model.parameters()).dtype == torch.float32
-        if self.device.type != "cpu" or not float32:
+        if self.device.type != "cpu" or not float32 or not accel.enabled():
             return None, ""
         if saved:
             return CpuLossKernel.from_dict(saved), f"kept from {self.resumed_from}"
         mc = self.model.config
         chosen = None
         if self.env.is_main:
-            kernel, how = choose_cpu_loss_kernel(
+            kernel, how = accel.choose_cpu_loss_kernel(
                 mc.n_embd, mc.vocab_size, mc.padded_vocab_size, t.batch_size * t.seq_len
             )
             chosen = (kernel.to_dict(), how)
@@ -450,7 +450,7 @@ class Trainer:
             )
             with sync:
                 with autocast(self.device, self.amp_dtype):
-                    _, loss = self.train_model(x, y, return_logits=False)
+                    _, loss = self.train_model(x, y)
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()

@@ -1,23 +1,12 @@
-"""Choosing CPU kernels by measuring them once per machine: the float32 loss kernel (gpt2lab/losses.py),
-and whether decoding reads oneDNN-packed weights (GPT.pack_for_cpu_inference).
+"""Choosing CPU kernels by measuring them once per machine: the float32 loss kernel (loss.py) and
+whether decoding reads oneDNN-packed weights (packing.py).
 
-The fused loss is the same math whichever chunk size, exponential and block layout it uses, but which
-is fastest depends on the CPU, not only on its instruction set: with AVX-512 kernels an AMD EPYC ran
-256-token chunks and `exp2` fastest, an Intel Xeon 128-token chunks and `exp` (docs/performance.md). So the
-first float32 CPU run of a model shape times each candidate on random data of that shape (a few
-seconds), keeps the fastest, and writes it to `cpu_kernels.json` in gpt2lab's cache
-($GPT2LAB_CACHE, else ~/.cache/gpt2lab). Later runs on the machine read it, so two runs with the same
-seed still compute the same bits. The key names what the timing depends on: the CPU's name, the
-kernels torch dispatches to and the ISA limits set for oneDNN and MKL, torch's version, the number
-of threads, the shape, and the revision of gpt2lab's kernels.
-
-Decoding at small batches is bound by reading the weights. oneDNN's packed layout read them 2.5x
-faster than MKL's products with nn.Linear's weights on an AMD EPYC, and 15% slower on an Intel Xeon,
-so the first generation with a model of a given shape and batch size times a decoding step both ways
-and keeps the answer in the same file.
-
-Shapes too small for a choice to matter get the default (the default loss kernel; packed weights)
-without a measurement.
+Which is fastest depends on the CPU itself, not only on its instruction set (docs/performance.md), so the
+first run of a shape times the candidates on random data (a few seconds) and writes the winner to
+`cpu_kernels.json` in gpt2lab's cache ($GPT2LAB_CACHE, else ~/.cache/gpt2lab). Later runs read it, so two
+runs with the same seed compute the same bits. The key names what a timing depends on: the CPU, the
+kernels torch dispatches to, the ISA limits set for oneDNN and MKL, torch's version, the threads, the
+shape, and the revision of the kernels. Shapes too small for the choice to matter get the default untimed.
 """
 
 from __future__ import annotations
@@ -31,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .download import cache_dir
-from .errors import GPT2LabError
-from .fileio import atomic_write_json
-from .losses import EXPONENTIALS, LAYOUTS, CpuLossKernel, linear_cross_entropy
-from .runtime import cpu_name
+from ..download import cache_dir
+from ..errors import GPT2LabError
+from ..fileio import atomic_write_json
+from ..runtime import cpu_name
+from .loss import EXPONENTIALS, LAYOUTS, CpuLossKernel, linear_cross_entropy
 
 CACHE_NAME = "cpu_kernels.json"
 CHUNKS = (128, 256)

@@ -1,39 +1,17 @@
-"""The training loss straight from the final hidden states: output projection and cross-entropy fused,
+"""The training loss straight from the final hidden states: output projection and cross-entropy fused
 in chunks of tokens, without ever holding the (tokens x vocabulary) logits.
 
-With GPT-2's 50257-token vocabulary the logits dwarf every other activation: 16 x 1024 tokens make a
-3.3 GB float32 tensor, and the plain path writes it, copies it to float32, takes a log-softmax, and
-writes its gradient, several passes over memory for little arithmetic. Here the tokens are processed
-`chunk` rows at a time: the chunk's logits (small enough to stay in cache), its log-sum-exp and loss,
-and right away the gradient of the loss with respect to the chunk's logits, softmax - one-hot, which
-is multiplied into the gradients of the hidden states and of the weight. The backward pass then only
-scales those by the incoming gradient. The arithmetic is the same three matmuls as the plain path;
-the memory traffic of the softmax is gone. The idea is that of Liger Kernel's fused linear
-cross-entropy and of Apple's "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al.,
-2024).
+With GPT-2's 50257-token vocabulary the logits dwarf every other activation, and the plain path writes
+them, copies them to float32, takes a log-softmax and writes their gradient: several passes over memory
+for little arithmetic. Here each chunk's logits stay in cache, and its loss and the gradient with
+respect to its logits (softmax - one-hot) are computed at once and multiplied into the gradients of the
+hidden states and of the weight; the backward pass only scales them. The idea is that of Liger Kernel's
+fused linear cross-entropy and of "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et
+al., 2024).
 
-Two ways through a chunk:
-
-- float32 on a CPU (`_cpu_float32`): every pass over the (vocabulary x chunk) block costs about as much
-  as a third of its matmul, so the block is touched as few times as the math allows. The softmax is
-  shifted by each token's *target* logit instead of the row maximum: that shift is a dot product per
-  token, computed before the matmul and subtracted by it, as one more inner dimension (a column of
-  ones beside the weight, the shift beside the hidden state; addmm's bias would cost a pass of its
-  own). So there is no max pass and no subtraction pass, and the loss is simply log(sum(exp)) (the
-  target's own term is exp(0) = 1 up to rounding, so the sum cannot underflow). Only a logit more
-  than 88 above the target's (a loss over 88 nats) overflows float32: such a chunk is detected (a
-  non-finite sum) and recomputed the usual way. Which exponential is fastest depends on the CPU: on an
-  AMD EPYC `exp2` ran at the speed of a copy and twice as fast as `exp`, on an Intel Xeon `exp` was the
-  faster one (by 2x with AVX2 kernels). With `exp2` the matmul's small operands are scaled by
-  log2(e), so that the block holds base-2 exponents. The exponential, the chunk size and the block's
-  layout are a `CpuLossKernel`, which the trainer measures once per machine (gpt2lab/tuning.py) and
-  records in its checkpoints. Padding rows of the vocabulary are never computed, the block is never
-  rescaled: the per-token factors 1 / (sum * tokens) go onto the small operands of the two gradient
-  matmuls instead, and the one-hot part is a row gather and an `index_add_`.
-- everything else (GPUs, bf16 autocast): the usual max-shifted softmax, with the matmuls in the
-  autocast dtype and the softmax in float32.
-
-Both keep the count of tokens as a tensor, so nothing waits on the device.
+Two ways through a chunk: float32 on a CPU (`_cpu_float32`, which touches the block as few times as
+the math allows; its chunk, exponential and layout are a `CpuLossKernel` chosen per machine by
+tuning.py), and the usual max-shifted softmax everywhere else (GPUs, bf16 autocast).
 """
 
 from __future__ import annotations
@@ -44,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .errors import GPT2LabError
+from ..errors import GPT2LabError
+from ..model import GPT
 
 LOG2E = 1.0 / math.log(2.0)  # exp(x) = 2 ** (x * LOG2E)
 EXPONENTIALS = ("exp2", "exp")
@@ -57,11 +36,7 @@ class CpuLossKernel:
     exponents from a log2(e)-scaled matmul, or "exp"), in a block laid out `layout` ("vocab-major":
     (vocabulary x chunk), "token-major": (chunk x vocabulary)). Every choice computes the same loss
     and gradients up to float32 rounding; the rounding differs, so a run keeps its kernel when resumed.
-
-    The default is what was fastest on an AMD EPYC (AVX-512): a (50257, 256) block's three matmuls ran
-    20-30% faster there than a (50257, 128) block's, and exp2 twice as fast as exp. On an Intel Xeon
-    128-token chunks and exp were faster, and with AVX2 kernels the token-major block too
-    (docs/performance.md), hence the measurement in gpt2lab/tuning.py."""
+    Which is fastest depends on the CPU (docs/performance.md, "The fused loss"), hence tuning.py."""
 
     chunk: int = 256
     exp: str = "exp2"
@@ -300,3 +275,27 @@ def linear_cross_entropy(
             k.exp == "exp2",
             k.layout == "token-major",
         )
+
+
+def use_fused_loss(model: GPT, kernel: CpuLossKernel | None = None) -> GPT:
+    """Make `model(idx, targets)` return `(None, loss)` with the loss computed by `linear_cross_entropy`
+    from the model's hidden states; without targets, and inside torch.compile (where Inductor fuses the
+    plain loss itself), the model's own forward runs. The forward is replaced on this instance only, so
+    DDP, FSDP and torch.compile wrap it as they wrap the model. A no-op where GPT2LAB_ACCEL=0."""
+    from . import enabled
+
+    if not enabled():
+        return model
+    plain = type(model).forward
+
+    def forward(idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        if targets is None or cache is not None or torch.compiler.is_compiling():
+            return plain(model, idx, targets, cache)
+        x = model.hidden_states(idx)  # (B, T, C)
+        loss = linear_cross_entropy(
+            x.reshape(-1, x.size(-1)), model.lm_head.weight, targets.reshape(-1), model.config.vocab_size, kernel=kernel
+        )
+        return None, loss
+
+    model.forward = forward
+    return model
