@@ -154,16 +154,13 @@ def _glibc() -> Any:
 def keep_freed_memory(on: bool = True) -> bool:
     """Keep freed memory in the process for the next allocation instead of handing it back to the OS.
 
-    glibc's malloc serves every block over 32 MB (and, by default, smaller ones too) with a fresh mmap
-    and unmaps it when freed, so a training step that allocates its large tensors again each step
-    takes a page fault on every 4 KB of them, and the kernel zeroes each page. A plain GPT-2 step of
-    the demo's shape (1,024 tokens, (1024 x 50304) logits) took 209,000 faults and 840 ms on a 2-core
-    AMD EPYC VM, and 460 ms with the memory kept (docs/performance.md). With `on`, malloc maps nothing
-    with mmap and returns the heap's free top only above 1 GiB: the process's memory stays at its
-    peak, and a step reuses it. With `on` False, glibc's defaults again, and the kept memory goes back.
-
-    Process-wide; the trainer calls it on CPU. Where the C library is not glibc, or
-    GPT2LAB_KEEP_FREED_MEMORY=0, it does nothing. Returns whether malloc is now set as asked.
+    glibc's malloc serves every block over 32 MB (by default smaller ones too) with a fresh mmap and
+    unmaps it when freed, so a training step that allocates its large tensors anew takes a page fault,
+    and a zeroed page, on every 4 KB of them (the cost: docs/performance.md, "Training a small model on
+    a CPU"). With `on`, malloc maps nothing and keeps up to 1 GiB free at the heap's top for the next
+    step; with `on` False, glibc's defaults come back and the kept memory is returned. Process-wide (the
+    trainer calls it on CPU); does nothing without glibc or with GPT2LAB_KEEP_FREED_MEMORY=0. Returns
+    whether malloc is now set as asked.
     """
     if on and os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip() == "0":
         return False
@@ -179,8 +176,8 @@ def keep_freed_memory(on: bool = True) -> bool:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), making bf16 autocast
-    about twice as fast as float32 for training matmuls; elsewhere it is slower.
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): there bf16 autocast makes
+    training matmuls faster than float32, elsewhere slower (docs/cpu.md, "What gpt2lab decides by itself").
 
     The environment variable GPT2LAB_CPU_BF16 overrides the probe: "0" answers no (to behave as on a
     CPU without bf16 instructions, e.g. when testing under ATEN_CPU_CAPABILITY=avx2), "1" answers yes;

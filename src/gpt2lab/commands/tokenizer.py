@@ -1,8 +1,8 @@
 """Train a byte-level BPE tokenizer on a corpus, or compare tokenizers on one.
 
-GPT-2's tokenizer spends 2-3x more tokens on Chinese, Japanese or code than on English; a tokenizer
-trained on your corpus gives a small model more text per context and per FLOP. The trained directory
-is then used by `prepare --tokenizer DIR`, and everything downstream follows it automatically.
+GPT-2's tokenizer spends many more tokens on Chinese, Japanese or code than on English (measured in
+docs/performance.md, "Tokenizers"); a tokenizer trained on your corpus gives a small model more text
+per context and per FLOP. `prepare --tokenizer DIR` then uses it, and everything downstream follows.
 
 CORPUS is read as `gpt2lab prepare` reads SOURCE: in a directory or glob, every file that is UTF-8
 text is one document (.py, .c, .rs, .md, ...), other files are skipped and counted; --ext keeps only
