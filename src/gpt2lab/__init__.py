@@ -6,9 +6,6 @@
 >>> greedy = gpt2lab.SamplingParams(temperature=0)
 >>> out = gpt2lab.generate(model, tok.encode("Hello"), max_new_tokens=20, sampling=greedy)
 >>> print(tok.decode(out.tokens[0]))
-
-The names below are imported on first use (PEP 562), so `import gpt2lab` costs only what it uses:
-the CLI's `--help`, data preparation and its worker processes never load torch.
 """
 
 from __future__ import annotations
@@ -18,7 +15,8 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_exports
 from ._version import __version__
 
-# Public name -> the module that defines it.
+# Public name -> the module that defines it, imported on first use (PEP 562), so `import gpt2lab` costs
+# only what it uses: the CLI's `--help`, data preparation and its worker processes never load torch.
 _EXPORTS = {
     "GPT": "model",
     "KVCache": "model",

@@ -1,14 +1,7 @@
 """The one bridge to Hugging Face: GPT-2 checkpoints in and out.
 
-Import reads every format the Hub uses for GPT-2: `model.safetensors`, sharded safetensors with a
-`model.safetensors.index.json`, and `pytorch_model.bin` (sharded or not; read with
-`torch.load(weights_only=True)`, never unpickled). Keys come with or without the `transformer.` prefix;
-the attention-mask buffers that old checkpoints carry (`attn.bias`, `attn.masked_bias`) are dropped.
-Hugging Face stores the four projection weights as `Conv1D`, i.e. (in, out); nn.Linear wants (out, in),
-so those four are transposed (transformers/pytorch_utils.py, class Conv1D).
-
-Export writes `config.json`, `model.safetensors` and the tokenizer files, which
-`transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load as they are.
+Import reads every format the Hub uses for GPT-2; export writes a directory that
+`transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load as it is.
 """
 
 from __future__ import annotations
@@ -34,7 +27,8 @@ HUB_NAMES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-# Weights stored by Conv1D as (in, out): transposed to nn.Linear's (out, in).
+# Weights stored by Conv1D as (in, out) (transformers/pytorch_utils.py, class Conv1D): transposed to
+# nn.Linear's (out, in).
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Causal-mask buffers written by older transformers versions; not weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -110,7 +104,8 @@ def config_to_hf(config: GPTConfig, eot_token: int | None = 50256) -> dict[str, 
 
 
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig, source: str = "") -> dict[str, torch.Tensor]:
-    """Map a Hugging Face GPT-2 state dict onto gpt2lab's parameter names, checking every key and shape."""
+    """Map a Hugging Face GPT-2 state dict onto gpt2lab's parameter names, checking every key and shape.
+    Keys come with or without the `transformer.` prefix; old checkpoints' mask buffers are dropped."""
     where = f" in {source}" if source else ""
     sd: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}  # gpt2lab name -> the key as the file spells it
@@ -206,7 +201,9 @@ def _load_sharded(folder: Path, index_name: str, loader) -> dict[str, torch.Tens
 
 
 def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict stored in a Hugging Face model directory (or a single weights file)."""
+    """The state dict stored in a Hugging Face model directory (or a single weights file):
+    `model.safetensors`, sharded safetensors with a `model.safetensors.index.json`, or `pytorch_model.bin`
+    (sharded or not; read with `torch.load(weights_only=True)`, never unpickled)."""
     path = Path(path)
     if path.is_file():
         return _load_bin(path) if path.suffix in (".bin", ".pt", ".pth") else load_safetensors(path)

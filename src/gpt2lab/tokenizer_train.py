@@ -1,13 +1,8 @@
 """Training a byte-level BPE tokenizer with GPT-2's rules, and comparing tokenizers on a corpus.
 
-The merges are learned by the Hugging Face `tokenizers` library's BPE trainer (Rust, multithreaded)
-over text split by GPT-2's pre-tokenisation regex (or the GPT-4 one) and mapped to bytes exactly as
-GPT-2 does. The result is saved in tiktoken's format, so encoding afterwards runs in tiktoken like
-GPT-2's own tokenizer does, plus the `tokenizers` JSON for exporting to Hugging Face.
-
-Byte-level BPE learns merges in order; each merge creates the token whose id is 256 + its index, and
-tiktoken merges the pair whose concatenation has the lowest rank. Taking rank = id therefore replays
-the same merges in the same order. `train_bpe` checks this on the training sample itself.
+The Hugging Face `tokenizers` trainer (Rust, multithreaded) learns the merges; the result is saved in
+tiktoken's format, so encoding runs in tiktoken as GPT-2's own tokenizer does, and as `tokenizers`
+JSON for exporting to Hugging Face.
 """
 
 from __future__ import annotations
@@ -110,6 +105,9 @@ def train_bpe(
             "give more text (or a larger --max-chars) or a smaller --vocab-size"
         )
     from_unicode = {u: b for b, u in gpt2_byte_to_unicode().items()}
+    # Byte-level BPE makes the token of merge k with id 256 + k, and tiktoken merges the pair whose
+    # concatenation has the lowest rank: rank = id replays the same merges in the same order
+    # (tests/test_tokenizer_train.py compares the two libraries' tokens).
     ranks = {bytes(from_unicode[c] for c in token): i for token, i in hf.get_vocab().items()}
     if sorted(ranks.values()) != list(range(vocab_size - 1)):
         raise AssertionError("the BPE trainer returned non-contiguous token ids")

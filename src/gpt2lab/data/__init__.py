@@ -1,12 +1,10 @@
 """Token data: `gpt2lab prepare`'s pipeline, the llm.c shard format, and the training batch loader.
 
->>> from gpt2lab.data import ShardLoader, open_split_tokens, read_manifest, check_tokenizer
->>> check_tokenizer(read_manifest("data/shakespeare"), get_tokenizer(), "data/shakespeare")
->>> train = ShardLoader("data/shakespeare", "train", batch_size=8, seq_len=256, rank=0, world_size=1,
-...                     seed=1, shuffle=True)
+>>> from gpt2lab.data import PrepareOptions, ShardLoader, open_split_tokens
+>>> from gpt2lab.data.prepare import prepare          # the function, in the module of the same name
+>>> prepare(PrepareOptions(source="tinyshakespeare", out="data/shakespeare"))
+>>> train = ShardLoader("data/shakespeare", "train", batch_size=8, seq_len=256, seed=1, shuffle=True)
 >>> val_tokens = open_split_tokens("data/shakespeare", "val")   # flat, memmapped; val_tokens[a:b]
-
-The pipeline itself is `gpt2lab.data.prepare.prepare(PrepareOptions(...))` (the module keeps its name).
 """
 
 from __future__ import annotations

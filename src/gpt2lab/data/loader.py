@@ -1,20 +1,8 @@
 """The training batch loader: (x, y) windows from token shards, rank-disjoint, shuffled, resumable.
 
-A split is read as one token stream, its shards concatenated (`shards.TokenSequence`), and cut into
-windows of `seq_len + 1` tokens that start every `seq_len` tokens, so window k gives
-x = stream[o + kT : o + kT + T] and y = the same shifted by one. Windows span shard boundaries, so no
-token is lost there (build-nanogpt's DataLoaderLite drops each shard's tail, its issue #105).
-
-Each step takes the next `batch_size * world_size` windows of the epoch; rank r gets the r-th run of
-`batch_size` of them, so ranks never share a window. An epoch ends when fewer than that remain (all
-ranks run the same number of steps). Without shuffling the offset o is 0, windows are taken in order,
-and every token position is an input exactly once per epoch, except the last (at most
-`batch_size * world_size * seq_len + seq_len`) tokens of the split. With shuffling, each epoch gets its
-own shard order, a random offset o in [0, seq_len) and a random window order within blocks of
-`block_windows` windows, all derived from (seed, epoch), so nothing random needs saving.
-
-The position is two integers (epoch, windows consumed), the same on every rank; `state_dict()` holds
-them, and `load_state_dict()` resumes exactly where an uninterrupted loader would be.
+A split is read as one token stream, its shards concatenated, and cut into windows of `seq_len + 1`
+tokens every `seq_len` tokens. Windows span shard boundaries, so no token is lost there
+(build-nanogpt's DataLoaderLite drops each shard's tail, its issue #105).
 """
 
 from __future__ import annotations
@@ -43,9 +31,8 @@ class ShardLoader:
     >>> state = loader.state_dict()         # JSON-serializable; save it with the checkpoint
     >>> loader.load_state_dict(state)       # the next batch is the one an uninterrupted loader gives
 
-    Shards are validated (header, size, manifest token counts) when the loader is made; with
-    `tokenizer`, the manifest must name the same tokenizer. Directories made by llm.c (no manifest)
-    are read by file name.
+    Shards are checked (header, size, manifest token counts) when the loader is made, and the manifest's
+    tokenizer against `tokenizer` if given; llm.c's directories (no manifest) are read by file name.
     """
 
     def __init__(
@@ -101,6 +88,8 @@ class ShardLoader:
         return np.random.default_rng([self.seed, self.epoch, *key])
 
     def _start_epoch(self) -> None:
+        """The epoch's shard order and window offset o: file order and 0, or drawn from (seed, epoch) with
+        o in [0, seq_len) when shuffling, so nothing random needs saving."""
         n_shards = len(self.tokens.shards)
         if self.shuffle:
             rng = self._rng(0)
@@ -115,7 +104,8 @@ class ShardLoader:
         self._block_perm = np.zeros(0, dtype=np.int64)
 
     def _window_start(self, k: int) -> int:
-        """Stream position of the epoch's k-th window."""
+        """Stream position of the epoch's k-th window, o + k * seq_len; shuffled, k is first permuted
+        within its block of `block_windows` windows."""
         if self.shuffle:
             block, first = divmod(k, self.block_windows)
             if block != self._block:
@@ -126,7 +116,13 @@ class ShardLoader:
         return self._offset + k * self.seq_len
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y) for this rank: int64 tensors of shape (batch_size, seq_len), y = x shifted by one."""
+        """The next (x, y) for this rank: int64 tensors of shape (batch_size, seq_len), y = x shifted by one.
+
+        A step takes the epoch's next `batch_size * world_size` windows and rank r the r-th run of
+        `batch_size` of them, so ranks never share a window. The epoch ends when fewer remain, on every
+        rank at the same step; unshuffled, each token is an input once per epoch except the split's last
+        (at most `batch_size * world_size * seq_len + seq_len`) tokens.
+        """
         if self.cursor + self.windows_per_step > self._windows:
             self.epoch += 1
             self.cursor = 0

@@ -1,16 +1,7 @@
 """Batches read ahead by a background thread, so a GPU never waits for the host to cut the next batch.
 
-`ShardLoader.next_batch` reads `batch_size` windows from memory-mapped shards and copies them into a
-fresh int64 array: cheap on a CPU run, but on a GPU every micro-step would start only after that
-host work. `PrefetchLoader` runs the same `ShardLoader` in a thread that keeps up to `depth` batches
-ready, in page-locked (pinned) memory when they go to a CUDA device: a copy from pinned memory with
-`non_blocking=True` is a DMA transfer queued on the stream, and the host goes on launching kernels
-(PyTorch's "pin_memory" notes; torch.utils.data.DataLoader's pin_memory thread does the same).
-
-The batches are the `ShardLoader`'s own, byte for byte, in the same order. The position in
-`state_dict()` is that of the last batch handed to the caller, not of the batches read ahead, so a
-checkpoint resumes exactly where the training loop was. Closing (or `load_state_dict`) stops the
-thread and winds the inner loader back to that position.
+The batches are the `ShardLoader`'s own, byte for byte and in the same order, and the position saved
+is that of the last batch handed out, so a checkpoint resumes exactly where the training loop was.
 """
 
 from __future__ import annotations
@@ -44,9 +35,6 @@ class PrefetchLoader:
     >>> x = x.to("cuda", non_blocking=True)
     >>> state = batches.state_dict()         # the position after the batches handed out so far
     >>> batches.close()                      # or `with PrefetchLoader(...) as batches:`
-
-    An exception raised while reading (a damaged shard) is raised again by the `next_batch` call that
-    would have received that batch.
     """
 
     def __init__(self, loader: ShardLoader, depth: int = 2, pin_memory: bool = False) -> None:
@@ -79,6 +67,8 @@ class PrefetchLoader:
         while not stop.is_set():
             try:
                 x, y = self.loader.next_batch()
+                # From pinned memory a non_blocking copy to the GPU is a DMA queued on the stream, and
+                # the host goes on launching kernels (PyTorch's "pin_memory" notes).
                 if self.pin_memory:
                     x, y = x.pin_memory(), y.pin_memory()
                 item: Any = (x, y, (self.loader.epoch, self.loader.cursor))
@@ -94,7 +84,8 @@ class PrefetchLoader:
                 return
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), exactly what `loader.next_batch()` would return now."""
+        """The next (x, y), exactly what `loader.next_batch()` would return now. An error the thread met
+        reading it (a damaged shard) is raised here."""
         if self._thread is None:
             self._start()
         assert self._thread is not None

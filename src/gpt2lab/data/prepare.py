@@ -1,19 +1,8 @@
 """Corpus -> token shards: stream a source, tokenize on worker processes, write llm.c shards, resume.
 
-The token stream is the corpus's documents in order, each preceded by `<|endoftext|>` (as
-build-nanogpt's fineweb.py does). It is cut into *chunks* of `shard_tokens` tokens at fixed stream
-positions, so shard boundaries depend only on the token stream, never on the number of workers. The
-first `val_tokens` tokens of the stream are the `val` split, the rest `train`; the one chunk that
-straddles the boundary is written whole under a `_pending_` name and split in two at the end
-(docs/formats.md has the naming and the default `val_tokens`).
-
-Resume: each completed chunk is recorded (outdir.py) with the task where the next chunk starts
-(encode.py) and, where the source keeps one (a Hugging Face dataset: its own `state_dict()`), the
-source's stream position at that task. A re-run restores the stream there and reads nothing before
-it but the rest of one source shard (`datasets` restarts a shard's reading at its start and skips
-to the example). A source without positions is read again from the start, tokenizing only from that
-task on. Either way the files are byte-identical to an uninterrupted run's. `manifest.json` is
-written last.
+The stream is the corpus's documents in order, each preceded by `<|endoftext|>` (as build-nanogpt's
+fineweb.py does), cut into chunks of `shard_tokens` tokens at fixed stream positions: the shards depend
+on the token stream only, never on the number of workers or on where an earlier run was killed.
 """
 
 from __future__ import annotations
@@ -136,11 +125,13 @@ def _print_note(text: str) -> None:
 def prepare(
     options: PrepareOptions, tokenizer: Tokenizer | None = None, note: Callable[[str], None] = _print_note
 ) -> PrepareResult:
-    """Tokenize `options.source` into shards and a manifest in `options.out` (see the module docstring).
+    """Tokenize `options.source` into shards and a manifest in `options.out`.
 
-    Re-running with the same options finishes an interrupted run or, if the directory is complete,
-    checks it and does nothing. `note(line)` is told how a resume proceeds where it must read the
-    source again from the start. Raises GPT2LabError for bad input.
+    The stream's first `val_tokens` tokens are the val split, the rest train; the one chunk across the
+    boundary is written whole under a `_pending_` name and split at the end (docs/formats.md has the
+    naming). manifest.json is written last. Re-running with the same options finishes an interrupted run
+    or, if the directory is complete, checks it and does nothing. `note(line)` is told how a resume
+    proceeds where it must read the source again from the start. Raises GPT2LabError for bad input.
     """
     started = time.perf_counter()
     tok = tokenizer or get_tokenizer(options.tokenizer)
@@ -237,7 +228,14 @@ def _run(
 
 
 def _resume_point(source: Source, progress: dict, note: Callable[[str], None]) -> tuple[int, int, int, bool]:
-    """(first task, its stream position, documents before it, whether the source was seeked there)."""
+    """(first task, its stream position, documents before it, whether the source was seeked there).
+
+    Each completed chunk is recorded with the task where the next one starts and, where the source keeps
+    one (a Hugging Face dataset's `state_dict()`), the stream position there. Seeked, nothing before it
+    is read again but the rest of one source shard (`datasets` restarts a shard and skips to the
+    example); otherwise the source is read from its start, tokenized only from that task on. Either way
+    the files are byte-identical to an uninterrupted run's.
+    """
     if not progress["chunks"]:
         return 0, 0, 0, False
     last = progress["chunks"][-1]

@@ -1,16 +1,7 @@
 """The token shard format, the manifest beside the shards, and reading a split as one token sequence.
 
-A shard is llm.c's `.bin` layout (llm.c dev/data/data_common.py, `write_datafile`), so shards made by
-llm.c or modded-nanogpt's cached FineWeb train here unchanged, and ours train there:
-
-    bytes [0, 1024)     header: 256 little-endian int32; [0] = 20240520 (magic), [1] = 1 (version),
-                        [2] = number of tokens N; the rest are zero
-    bytes [1024, ...)   N tokens, little-endian uint16
-
-so a valid file is exactly 1024 + 2 N bytes. `manifest.json` beside the shards (written by
-`gpt2lab prepare`) lists every shard with its split, token count and sha256, and the tokenizer. A
-directory without a manifest (llm.c's output) is read by file name: `*_val_*.bin` and `*_train_*.bin`,
-in name order.
+A shard is llm.c's `.bin` file, so shards made by llm.c or modded-nanogpt's cached FineWeb train here
+unchanged, and ours train there.
 """
 
 from __future__ import annotations
@@ -27,6 +18,9 @@ import numpy as np
 from ..errors import GPT2LabError
 from ..fileio import atomic_open, file_sha256
 
+# llm.c's layout (dev/data/data_common.py, `write_datafile`), so a valid shard is exactly 1024 + 2 N bytes:
+#   bytes [0, 1024)     header: 256 little-endian int32; [0] = MAGIC, [1] = VERSION, [2] = N tokens, then 0s
+#   bytes [1024, ...)   N tokens, little-endian uint16
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256

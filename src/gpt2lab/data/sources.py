@@ -1,19 +1,8 @@
 """Where documents come from: local text / JSONL / Parquet files, Hugging Face datasets, named presets.
 
-Local files: `.jsonl` / `.ndjson` and `.parquet` give one document per record; every other file is
-text, one document per file (or per `--split-on` part). In a directory or glob, a file without a text
-suffix (source code, a README, a Makefile) is taken only if it is UTF-8 text: one with a NUL byte in
-its first 8 KB, or with bytes that are not UTF-8, is skipped and counted (images, archives, binaries).
-`.txt` / `.md` files are always taken, undecodable bytes replaced and counted. `ext` restricts a
-directory or glob to some suffixes.
-
-Every source yields *pieces*, `(text, starts_document, progress)` tuples, in a fixed order. A document
-is one or more consecutive pieces, the first with `starts_document` true. Long documents (a 1 GB text
-file is one document by default) are cut into pieces of about `piece_chars` characters, so memory
-stays bounded and the pieces can be tokenized in parallel. The cuts are placed where GPT-2's
-pre-tokenizer splits the text anyway, so tokenizing the pieces one by one gives exactly the tokens of
-the whole document (see text.safe_cut). `progress` is how far through the input the piece brings us, in
-the source's `progress_unit`, for the progress bar.
+Every source yields its documents as pieces of bounded size, cut where GPT-2's pre-tokenizer splits
+anyway (text.safe_cut): memory stays bounded, pieces tokenize in parallel, and their tokens are exactly
+the whole document's.
 """
 
 from __future__ import annotations
@@ -39,6 +28,9 @@ from ..fileio import atomic_open, file_sha256
 from ..jsonl import read_jsonl
 from .text import DocumentPieces, Utf8Decoder
 
+# (text, starts_document, progress), in a fixed order: a document is one or more consecutive pieces of
+# about `piece_chars` characters, the first with starts_document true; progress is how far through the
+# input the piece brings the stream, in the source's `progress_unit`, for the progress bar.
 Piece = tuple[str, bool, int]
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
@@ -175,8 +167,10 @@ class FileSource(Source):
 
     Text files are one document each unless `split_on` is given; JSONL and Parquet files give one
     document per record, from `text_field`. Files are read in sorted path order. In a directory or
-    glob, files that are not UTF-8 text are skipped (`skipped`; see the module docstring), and `ext`
-    (suffixes without the dot, lower case) keeps only the files with those suffixes.
+    glob, a file without a known suffix (source code, a Makefile) is taken only if it is UTF-8 text, with
+    no NUL byte in its first SNIFF_BYTES, else skipped and listed in `skipped`; `.txt` / `.md` files are
+    always taken, undecodable bytes replaced and counted. `ext` (suffixes without the dot, lower case)
+    keeps only the files with those suffixes.
     """
 
     def __init__(

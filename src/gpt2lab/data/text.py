@@ -1,12 +1,5 @@
-"""Text handling for `gpt2lab prepare`: UTF-8 decoding that counts bad bytes, and cutting documents
-into pieces of bounded size.
-
-A document is cut where GPT-2's pre-tokenizer splits anyway (`safe_cut`), so its pieces tokenize
-exactly like the whole. Where a run of text has no such place within two pieces' length (a multi-GB
-line of one character, a base64 blob), it is cut anyway, at a character boundary (so, in UTF-8,
-between whole characters): the pre-token spanning that cut is tokenized as two, which can change the
-few tokens on either side of it, once per HARD_PIECE_CHARS (64K) characters of that run. Either way a document
-is held in pieces, never whole: memory does not depend on its length.
+"""Text handling for `gpt2lab prepare`: UTF-8 decoding that counts bad bytes, and cutting documents into
+pieces of bounded size that tokenize exactly like the whole, so that no document is ever held whole.
 """
 
 from __future__ import annotations
@@ -70,11 +63,11 @@ class Utf8Decoder:
 class DocumentPieces:
     """Collects one document's text and hands it out in pieces of about `max_chars` characters.
 
-    Each piece ends at the largest safe cut (`safe_cut`) at or before `max_chars`, else the first one
-    after it. When there is none within `2 * max_chars` characters (or, at the document's end, none at
-    all in the more than `max_chars` left), the piece is cut after min(max_chars, HARD_PIECE_CHARS)
-    characters exactly (see the module docstring). The places depend only on the text, never on how it arrives
-    (`add` in blocks of any size, or `whole`), and at most about three pieces' worth is buffered.
+    Each piece ends at the largest safe cut (`safe_cut`) at or before `max_chars`, else the first after
+    it. With none within `2 * max_chars` (or, at the document's end, none at all: a long line of one
+    character, a base64 blob), it is cut after min(max_chars, HARD_PIECE_CHARS) characters, and the
+    pre-token across that cut is tokenized as two. The cuts depend only on the text, not on how it
+    arrives (`add` in blocks of any size, or `whole`); at most about three pieces' worth is buffered.
     """
 
     def __init__(self, max_chars: int) -> None:

@@ -1,21 +1,10 @@
 """Evaluation: HellaSwag, validation loss, perplexity and bits-per-byte; from the CLI and during training.
 
-    common.py           EvalContext (device, ranks, precision, batch size, progress), EvalResult, the
-                        distributed windowed sum, eval mode, scoring selected positions
-    hellaswag.py        HellaSwag completion-style accuracy (acc, acc_norm), as build-nanogpt / llm.c
-    val_loss.py         mean loss over a fixed token budget of prepared validation shards
-    perplexity.py       sliding-window perplexity and bits-per-byte of any text
-    references.py       published numbers to compare with (GPT-2 124M, GPT-3 125M, ...)
-
-Every evaluation takes the model, its data and an `EvalContext`, and returns an `EvalResult` whose
-`metrics()` is the flat dict metrics.jsonl records and whose `to_dict()` is what `--json` writes. It
-shards its work round-robin by a fixed unit (item, window) and all-reduces sums, so it gives the
-same numbers on one process or many, at any batch size. The training loop calls the same functions
-(gpt2lab.train.evaluate).
+Each takes the model, its data and an `EvalContext`, and returns an `EvalResult` with the same numbers
+on one process or many, at any batch size (common.py says how).
 
 >>> from gpt2lab.eval import EvalContext, hellaswag
->>> ctx = EvalContext(batch_size=8, progress=True)
->>> hellaswag.evaluate(model, tok, hellaswag.load_validation(), ctx).metrics()
+>>> hellaswag.evaluate(model, tok, hellaswag.load_validation(), EvalContext(batch_size=8)).metrics()
 {'hellaswag_acc_norm': 0.2955, 'hellaswag_acc': 0.2859, 'hellaswag_items': 10042}
 """
 

@@ -1,22 +1,8 @@
 """OpenAI's completions API: the request as the server accepts it, the checks, and the response shapes.
 
 GPT-2 is a base model, so the API is the (legacy) completions one, `POST /v1/completions`. Field names,
-defaults (`max_tokens` 16, `temperature` 1, `n` 1) and the error shape follow OpenAI's API reference;
-`top_k` is an extension. Every bad request raises `APIError`, which the app turns into
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status.
-
-Where this server chooses:
-- A prompt string is text: a literal "<|endoftext|>" in it is those 13 characters, encoded as
-  `gpt2lab sample --prompt` encodes it (tokenizer.py: data never injects a document separator). To
-  start a new document, send token id 50256 or leave the prompt out (or empty), as `sample` does.
-- A prompt plus `max_tokens` longer than the model's context is refused (`context_length_exceeded`),
-  as OpenAI does; the window does not slide as it does in `gpt2lab sample`.
-- `max_tokens: 0` is allowed with `echo: true` only: it scores the prompt (with `logprobs`), as OpenAI's
-  legacy completions did; `finish_reason` is "length" and no token is generated.
-- `logprobs.text_offset[i]` is where token i's text starts, in characters from the start of the
-  returned `text`, echoed prompt included (OpenAI's legacy semantics), in streamed chunks as well.
-  The lists hold the tokens whose text is in `text`: after a stop string, the tokens cut off with it
-  are left out (the one the cut falls in stays), and `<|endoftext|>` is never listed.
+defaults and the error shape follow OpenAI's API reference; `top_k` is an extension. Where the reference
+leaves a choice to the server, the comment at the code says which was made.
 """
 
 from __future__ import annotations
@@ -156,8 +142,9 @@ def _prompts(prompt: Any, tok: Tokenizer) -> tuple[list[list[int]], list[str]]:
             "(none of them empty)",
             "prompt",
         )
-    # Encoded as `gpt2lab sample` encodes --prompt: special-token text is ordinary text, and the empty
-    # prompt starts a new document, whose one token echoes as "<|endoftext|>".
+    # Encoded as `gpt2lab sample` encodes --prompt: a literal "<|endoftext|>" is those 13 characters
+    # (tokenizer.py: text never injects a document separator). A new document starts with token id
+    # 50256 or with the empty prompt, whose one token echoes as "<|endoftext|>".
     ids = [tok.encode(t) or [tok.eot_token] for t in texts]
     return ids, [t if t else tok.decode(i) for t, i in zip(texts, ids)]
 
@@ -186,6 +173,8 @@ def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limit
         raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", "prompt")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     cap = min(context, limits.max_tokens or context)
+    # max_tokens 0 scores the prompt (with logprobs), as OpenAI's legacy completions did: finish_reason
+    # is "length" and no token is generated. Without echo there would be nothing to return.
     if max_tokens == 0 and not req.echo:
         raise APIError(
             400, "max_tokens 0 is only allowed with echo: true (to score the prompt with logprobs)", "max_tokens"
@@ -296,7 +285,13 @@ class Choice:
 
 
 def logprobs_json(tokens: list[TokenInfo], offsets: list[int]) -> dict[str, Any]:
-    """OpenAI's completions `logprobs` object for these tokens."""
+    """OpenAI's completions `logprobs` object for these tokens.
+
+    text_offset[i] is where token i's text starts, in characters from the start of the returned `text`,
+    echoed prompt included (OpenAI's legacy semantics), in streamed chunks as well. The engine lists only
+    the tokens whose text is in `text`: those cut off with a stop string are left out (the one the cut
+    falls in stays), and `<|endoftext|>` never appears.
+    """
     return {
         "tokens": [t.text for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
