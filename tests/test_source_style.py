@@ -13,7 +13,7 @@ PACKAGE = REPO / "src" / "gpt2lab"
 TEXT_SUFFIXES = (".py", ".js", ".html", ".css")
 
 # A machine note dates as soon as the machine changes: numbers belong in docs/performance.md or
-# docs/cpu-tuning.md, with the command that measured them, and the code points there.
+# docs/cpu.md, with the command that measured them, and the code points there.
 CPU_MODELS = re.compile(
     r"\b(?:EPYC|Xeon|Opteron|Threadripper|Ryzen|Athlon|Pentium|Celeron|Graviton\d*|Neoverse|Snapdragon"
     r"|Core ?i[3579]|Core Ultra|Ampere Altra|Apple M\d|M\d (?:Pro|Max|Ultra)|Zen ?\d"
@@ -95,7 +95,7 @@ def test_the_patterns_catch_what_they_mean():
         "MAGIC = 20240520",
         "10% for a small one",
         "x = stream[o + kT : o + kT + T]",
-        "oneDNN's packed layout, chosen where it pays on this machine (docs/cpu-tuning.md)",
+        "oneDNN's packed layout, chosen where it pays on this machine (docs/cpu.md)",
     ):
         assert not any(p.search(fine) for p in DATED_NOTES.values()), fine
 

@@ -9,7 +9,7 @@ make it faster without changing what it computes.
   and kept in gpt2lab's cache.
 
 `GPT2LAB_ACCEL=0` turns all of it off: every model then runs as model.py writes it.
-Measurements: docs/performance.md; the environment variables: docs/cpu-tuning.md.
+Measurements: docs/performance.md; the environment variables: docs/cpu.md.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ CACHE_NAME = "cpu_kernels.json"
 CHUNKS = (128, 256)
 MEASURE_TOKENS = 512  # tokens per timed call: two chunks of the largest candidate
 MIN_WORK = 2**30  # tokens x vocabulary x width below which the default kernel is used untimed
-REVISION = 1  # of the kernels in gpt2lab/losses.py: a change to them is measured afresh
+REVISION = 1  # of the kernels in accel/loss.py: a change to them is measured afresh
 ROUNDS = 4  # more calls of each finalist: 28 calls in all, 3-5 s for GPT-2's vocabulary 128 wide
 FINALISTS = 3
 
