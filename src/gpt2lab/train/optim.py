@@ -8,7 +8,7 @@ for decoupled decay). With `optim.name = "muon"` the attention and MLP matrices 
 modded-nanogpt and nanochat) at their own peak rate `muon_lr`; the embeddings, biases and LayerNorms
 keep AdamW. Both follow the same schedule: linear warmup to `lr`, then cosine (or linear) decay to
 `min_lr` at `max_steps` (GPT-3 paper, appendix B; build-nanogpt's `get_lr`); `Schedule` sets it on the
-optimizer step by step.
+optimizer step by step, and with `optim.fit_schedule_to_time` it keeps pace with the time limit too.
 
 The optimizer state is saved without pickle: every state tensor goes into a safetensors file under the
 name `<parameter name>.<state key>` and the hyper-parameters into JSON (see `optimizer_state_tensors`).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,8 +28,9 @@ from ..errors import GPT2LabError
 from .config import OptimSection
 
 
-def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based) of a run of `max_steps` steps.
+def lr_at(step: float, optim: OptimSection, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based; a fraction where a clock sets the pace, see
+    `Schedule`) of a run of `max_steps` steps.
 
     Warmup reaches `lr` at the end of step `warmup_steps - 1` ((step + 1) / warmup, so step 0 already
     moves); afterwards the rate decays from `lr` at step `warmup_steps` to `min_lr` at `max_steps`.
@@ -167,8 +169,8 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device)
     over `muon_param_groups(model)`.
 
     The fused implementation updates each parameter in one pass instead of about ten elementwise
-    passes: one kernel for all parameters on CUDA (build-nanogpt), and on CPU 2-3x faster for the
-    50304 x C embedding that dominates a small model's optimizer step (bench/train_cpu.py).
+    passes: one kernel for all parameters on CUDA (build-nanogpt), and on CPU a faster update of the
+    50304 x C embedding that dominates a small model's optimizer step (bench/train_cpu.py measures it).
     """
     kwargs: dict[str, Any] = {}
     if device.type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
@@ -191,34 +193,51 @@ class Schedule:
 
     Its state is the number of steps scheduled so far, as torch's LRScheduler keeps `last_epoch`:
     `apply()` sets the rate of that step before the optimizer steps, `advance()` moves on after it.
-    The rates themselves come from the run's config, so a resumed run may change them with `--set`.
+    The rate is that of `position`: the step count, or further along where `follow_clock` paces the
+    schedule by a time limit and the clock is ahead. The rates themselves come from the run's config,
+    so a resumed run may change them with `--set`.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimSection, max_steps: int) -> None:
         self.optimizer, self.optim, self.max_steps = optimizer, optim, max_steps
         self.step = 0
+        self.position = 0.0  # where on the schedule the last applied step was
+        self.last_lr = 0.0  # the rate apply() set last
+        self._clock: Callable[[], float] | None = None
+
+    def follow_clock(self, fraction: Callable[[], float]) -> None:
+        """Keep pace with `fraction()`, the share of a time limit gone (0 to 1), as well as with the steps:
+        the rest of the schedule is spread over the limit, so it ends, at `min_lr`, at the limit or at
+        `max_steps`, whichever comes first (optim.fit_schedule_to_time)."""
+        start = max(self.position, float(self.step))
+        self._clock = lambda: start + min(1.0, fraction()) * (self.max_steps - start)
 
     def lr(self, step: int) -> float:
-        """The rate of optimizer step `step` (0-based)."""
+        """The rate of optimizer step `step` (0-based) by the step count alone."""
         return lr_at(step, self.optim, self.max_steps)
 
     def apply(self) -> float:
         """Set the rate of the next step on every parameter group; returns it."""
-        lr = self.lr(self.step)
-        set_lr(self.optimizer, lr)
-        return lr
+        self.position = max(self.position, float(self.step), self._clock() if self._clock else 0.0)
+        self.last_lr = lr_at(self.position, self.optim, self.max_steps)
+        set_lr(self.optimizer, self.last_lr)
+        return self.last_lr
 
     def advance(self) -> None:
         self.step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        # The position is saved only where a clock moved it ahead of the steps.
+        ahead = self.position > self.step
+        return {"step": self.step, "position": self.position} if ahead else {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        step = state["step"]
+        step, position = state["step"], state.get("position", 0.0)
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise GPT2LabError(f"schedule state: step must be an integer >= 0, got {step!r}")
-        self.step = step
+        if not isinstance(position, (int, float)) or isinstance(position, bool) or not position >= 0:
+            raise GPT2LabError(f"schedule state: position must be a number >= 0, got {position!r}")
+        self.step, self.position = step, float(position)
 
 
 def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
