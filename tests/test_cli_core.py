@@ -93,7 +93,7 @@ def test_convert_refuses_to_overwrite(cli, hf_dir, tmp_path):
     [
         (["sample", "--model", "gpt7"], "unknown model 'gpt7'"),
         (["sample", "--model", "gpt2"], "could not download model 'gpt2'"),
-        (["sample", "--model", "MODEL", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["sample", "--model", "MODEL", "--top-p", "1.5"], "--top-p must be between 0 and 1 (0 or 1 = off)"),
         (["sample", "--model", "MODEL", "--temperature", "-1"], "--temperature must be >= 0"),
         pytest.param(
             ["sample", "--model", "MODEL", "--device", "cuda"],
@@ -102,10 +102,13 @@ def test_convert_refuses_to_overwrite(cli, hf_dir, tmp_path):
         ),
         (["sample", "--model", "MODEL", "--device", "tpu"], "unknown device 'tpu'"),
         (["convert", "--to-hf", "/nonexistent/ckpt", "--out", "OUT"], "/nonexistent/ckpt"),
+        (["eval", "--task", "val-loss", "--model", "MODEL", "--data", "FILE"], "run: gpt2lab eval --task perplexity"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(cli, hf_dir, tmp_path, args, message):
-    args = [str(hf_dir) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    (tmp_path / "notes.txt").write_text("a text file, not a prepared directory\n")
+    names = {"MODEL": str(hf_dir), "OUT": str(tmp_path / "out"), "FILE": str(tmp_path / "notes.txt")}
+    args = [names.get(a, a) for a in args]
     result = cli(*args)
     assert result.code == 1
     lines = result.err.strip().splitlines()
@@ -120,3 +123,27 @@ def test_subprocess_exit_code_and_message(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("gpt2lab sample: error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_top_p_and_top_k_are_off_at_0_alike(cli, hf_dir):
+    def sample(*extra):
+        args = ["sample", "--model", hf_dir, "--prompt", "Hi", "--max-new-tokens", "8", "--seed", "3", *extra]
+        result = cli(*args, "--device", "cpu")
+        assert result.code == 0, result.err
+        return result.out
+
+    assert sample("--top-p", "0") == sample("--top-p", "1")
+    assert sample("--top-k", "0", "--top-p", "0") == sample("--top-k", "0")
+
+
+def test_one_top_k_default_for_the_cli_and_the_playground():
+    import re
+    from pathlib import Path
+
+    import gpt2lab.serve
+    from gpt2lab.cli import build_parser
+
+    cli_default = build_parser().parse_args(["sample", "--model", "m"]).top_k
+    page = (Path(gpt2lab.serve.__file__).parent / "static" / "index.html").read_text()
+    playground = int(re.search(r'id="top_k"[^>]*value="(\d+)"', page).group(1))
+    assert playground == cli_default == 200

@@ -12,7 +12,6 @@ from gpt2lab.generate import (
     filter_top_k,
     filter_top_p,
     generate,
-    generate_tokens,
     sample_next,
     stream_text,
 )
@@ -200,10 +199,17 @@ def test_stream_text_equals_batch_decode():
     assert streamed == tok.decode(batch.tokens[0])
 
 
+def test_an_empty_prompt_starts_a_new_document_in_python_as_in_the_cli():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257)).eval()
+    tok = get_tokenizer()
+    greedy = SamplingParams(temperature=0)
+    from_eot = generate(model, [tok.eot_token], 12, sampling=greedy)
+    empty = generate(model, [], 12, sampling=greedy)
+    assert empty.tokens == from_eot.tokens and empty.stats.prompt_tokens == 1
+    assert "".join(stream_text(model, tok, "", 12, sampling=greedy)) == tok.decode(from_eot.tokens[0])
+
+
 def test_generate_tokens_validates_arguments():
-    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=10)).eval()
-    with pytest.raises(ValueError, match="prompt is empty"):
-        next(generate_tokens(model, [], 3))
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
         SamplingParams(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0, got -0.5"):

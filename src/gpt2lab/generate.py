@@ -116,7 +116,8 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on the model's device, step by step.
 
-    All samples share the prompt and are decoded as one batch. With `sampling.stop_token` set, decoding
+    All samples share the prompt and are decoded as one batch; an empty prompt starts a new document
+    (<|endoftext|>), as `gpt2lab sample` and the server do. With `sampling.stop_token` set, decoding
     ends once every sample has produced it (samples that ended earlier keep being decoded meanwhile);
     any other stopping is the caller's choice: break out of the loop.
     """
@@ -134,8 +135,8 @@ def _decode(
     use_cache: bool,
     stats: GenerationStats | None,
 ) -> Iterator[torch.Tensor]:
-    if len(prompt) == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. <|endoftext|>)")
+    if len(prompt) == 0:  # a new document, as the CLI and the server start one
+        prompt = [model.config.vocab_size - 1]  # <|endoftext|>, the last token of every gpt2lab vocabulary
     if max_new_tokens < 0 or num_samples < 1:
         raise ValueError("max_new_tokens must be >= 0 and num_samples >= 1")
     device = model.device
@@ -247,6 +248,7 @@ def stream_text(
     """Yield the continuation of one prompt as text, piece by piece, each piece ending on a whole
     UTF-8 character (see TextStreamer). The stop token, if `sampling` names one, is not printed."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = ids or [tokenizer.eot_token]  # an empty prompt starts a new document
     streamer = TextStreamer(tokenizer)
     for nxt in generate_tokens(model, ids, max_new_tokens, sampling=sampling, stats=stats):
         token = int(nxt[0])

@@ -168,14 +168,21 @@ def _val_loss(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, A
     from ..eval.references import VAL_LOSS_REFERENCES
     from ..eval.val_loss import DEFAULT_MAX_TOKENS, open_val_tokens, val_loss
 
+    if Path(args.data).is_file():
+        raise GPT2LabError(
+            f"--task val-loss reads a directory made by 'gpt2lab prepare', and {args.data} is a file; "
+            f"to score a text file, run: gpt2lab eval --task perplexity --data {args.data} --model {args.model}"
+        )
     tokens = open_val_tokens(args.data, tok)
     result = val_loss(model, tokens, ctx, max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, seq_len=args.seq_len)
     rows = [
         ("val loss", f"{result.loss:.4f}"),
         ("perplexity", f"{result.perplexity:.2f}"),
         ("tokens", f"{result.tokens:,} ({result.windows:,} windows of {result.seq_len}, of {len(tokens):,})"),
-        ("reference", ", ".join(f"{k} {v}" for k, v in VAL_LOSS_REFERENCES.items()) + " (FineWeb-Edu val)"),
     ]
+    references = VAL_LOSS_REFERENCES if _is_fineweb_edu(Path(args.data)) else {}
+    if references:  # measured on FineWeb-Edu's val split: beside any other data it would mislead
+        rows.append(("reference", ", ".join(f"{k} {v}" for k, v in references.items()) + " (FineWeb-Edu val)"))
     report = {
         "data": {"path": str(Path(args.data)), "split": "val", "split_tokens": len(tokens)},
         "method": (
@@ -183,9 +190,19 @@ def _val_loss(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, A
             "of the val split (consecutive, overlapping by one token, every target scored once)"
         ),
         "results": result.to_dict(),
-        "references": {"val_loss": VAL_LOSS_REFERENCES},
+        "references": {"val_loss": references} if references else {},
     }
     return rows, report
+
+
+def _is_fineweb_edu(data_dir: Path) -> bool:
+    """Whether a prepared directory holds FineWeb-Edu: its manifest's source, or llm.c's shard names."""
+    from ..data.shards import MANIFEST_NAME, read_manifest
+
+    if (data_dir / MANIFEST_NAME).exists():
+        source = read_manifest(data_dir).get("source", {})
+        return "fineweb-edu" in f"{source.get('preset', '')} {source.get('dataset', '')}".lower()
+    return any(data_dir.glob("edu_fineweb_val_*.bin"))
 
 
 def _perplexity(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:

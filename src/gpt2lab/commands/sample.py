@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--top-k", type=int, default=200, metavar="K", help="keep the K most likely tokens; 0 = off (default: 200)"
     )
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 = off (default: 1)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 0 or 1 = off (default: 1)"
+    )
     p.add_argument("--num-samples", type=int, default=1, metavar="S", help="samples, decoded as one batch")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
@@ -43,8 +45,8 @@ def _check(args: argparse.Namespace) -> None:
         raise GPT2LabError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise GPT2LabError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise GPT2LabError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.top_p <= 1:
+        raise GPT2LabError(f"--top-p must be between 0 and 1 (0 or 1 = off), got {args.top_p}")
     if args.num_samples < 1:
         raise GPT2LabError(f"--num-samples must be at least 1, got {args.num_samples}")
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k or None,
-        top_p=args.top_p,
+        top_p=args.top_p or 1.0,  # 0 = off, as with --top-k
         seed=seed,
         stop_token=None if args.ignore_eot else tok.eot_token,
     )
