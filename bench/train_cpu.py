@@ -134,9 +134,9 @@ def main() -> None:
     from gpt2lab.accel import choose_cpu_loss_kernel, use_fused_loss
     from gpt2lab.hf import state_dict_to_hf
     from gpt2lab.runtime import autocast_dtype, keep_freed_memory
+    from gpt2lab.train import gradient_accumulation
     from gpt2lab.train.build import fresh_model
     from gpt2lab.train.config import load_train_config
-    from gpt2lab.train.loop import gradient_accumulation
     from gpt2lab.train.optim import build_optimizer, lr_at, set_lr
 
     overrides = [f"train.precision={args.precision}"]

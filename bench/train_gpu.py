@@ -360,8 +360,8 @@ def train(args: argparse.Namespace) -> int:
             fail(f"gpt2lab train exited with {code}")
             return 1
 
-    from gpt2lab.checkpoint import find_latest_training
     from gpt2lab.metrics import read_metrics
+    from gpt2lab.train.checkpoint import find_latest_training
 
     records = read_metrics(run)
     kind = {k: [r for r in records if r["kind"] == k] for k in ("train", "eval", "sample", "event")}

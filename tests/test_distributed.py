@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gpt2lab import distributed as D
+from gpt2lab import distributed
 from gpt2lab.errors import GPT2LabError
 
 
@@ -30,7 +30,7 @@ def fake_gpus(monkeypatch):
 
 def test_nccl_rank_takes_its_local_gpu_and_binds_the_group_to_it(fake_gpus):
     seen = fake_gpus(n=8, rank=11, local_rank=3, world=16)
-    env = D.setup("auto", timeout_minutes=7)
+    env = distributed.setup("auto", timeout_minutes=7)
     assert (env.rank, env.local_rank, env.world_size) == (11, 3, 16)
     assert env.device == torch.device("cuda", 3) and not env.is_main
     assert seen["set_device"] == [torch.device("cuda", 3)]
@@ -43,7 +43,7 @@ def test_nccl_rank_takes_its_local_gpu_and_binds_the_group_to_it(fake_gpus):
 
 def test_explicit_cuda_device_under_torchrun_uses_the_local_rank(fake_gpus):
     seen = fake_gpus(n=2, rank=1, local_rank=1, world=2)
-    assert D.setup("cuda").device == torch.device("cuda", 1)
+    assert distributed.setup("cuda").device == torch.device("cuda", 1)
     assert seen["init"][0]["device_id"] == torch.device("cuda", 1)
 
 
@@ -53,13 +53,13 @@ def test_more_ranks_than_gpus_is_one_clear_error(fake_gpus):
         GPT2LabError,
         match=r"local rank 2 has no GPU \(this node has 2\); use torchrun --nproc_per_node at most the number of GPUs",
     ):
-        D.setup("auto")
+        distributed.setup("auto")
     assert seen["init"] == [] and seen["set_device"] == []  # nothing was joined
 
 
 def test_cpu_ranks_use_gloo_without_a_device_id(fake_gpus):
     seen = fake_gpus(n=0, rank=0, local_rank=0, world=2)
-    env = D.setup("cpu")
+    env = distributed.setup("cpu")
     assert env.device == torch.device("cpu") and env.is_main
     [kwargs] = seen["init"]
     assert kwargs["backend"] == "gloo" and "device_id" not in kwargs
@@ -69,6 +69,6 @@ def test_cpu_ranks_use_gloo_without_a_device_id(fake_gpus):
 def test_without_torchrun_nothing_is_joined(fake_gpus, monkeypatch):
     seen = fake_gpus(n=1, rank=0, local_rank=0, world=1)
     monkeypatch.delenv("RANK")
-    env = D.setup("auto")
+    env = distributed.setup("auto")
     assert env.device == torch.device("cuda") and env.world_size == 1
     assert seen["init"] == [] and seen["set_device"] == []

@@ -118,3 +118,40 @@ def test_cli_print_config_applies_flags(cli):
     )
     assert result.code == 0, result.err
     assert "lr = 0.003" in result.out and "max_steps = 7" in result.out
+
+
+def test_every_command_line_shortcut_is_its_set_override(capsys):
+    from gpt2lab.cli import build_parser
+    from gpt2lab.commands.train import SHORTCUTS, resolve
+    from gpt2lab.train.config import key_type
+
+    config = str(CONFIGS / "shakespeare-cpu.toml")
+    values = {str: "fsdp", int: 7, float: 2.5}  # fsdp: a value every string key here takes
+    flags, sets = [config, "--set", "optim.name=adamw"], [config, "--set", "optim.name=adamw"]  # muon refuses fsdp
+    for flag, shortcut in SHORTCUTS.items():
+        kind = key_type(shortcut.key)
+        assert kind in (bool, int, float, str), (flag, kind)
+        if kind is bool:
+            flags.append(flag)
+            sets += ["--set", f"{shortcut.key}=true"]
+        else:
+            flags += [flag, str(values[kind])]
+            sets += ["--set", f"{shortcut.key}={values[kind]}"]
+    parser = build_parser()
+    by_flags = resolve(parser.parse_args(["train", *flags]))
+    assert by_flags == resolve(parser.parse_args(["train", *sets]))
+    assert by_flags.data.dir == "fsdp" and by_flags.train.max_minutes == 2.5 and by_flags.train.compile
+    # A flag wins over --set of its key, and --help names the key each flag sets.
+    assert (
+        resolve(parser.parse_args(["train", config, "--set", "train.max_steps=3", "--max-steps", "5"])).train.max_steps
+        == 5
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(f"({shortcut.key})" in help_text for shortcut in SHORTCUTS.values())
+
+
+def test_a_shortcut_value_is_checked_as_set_checks_it(cli):
+    result = cli("train", CONFIGS / "shakespeare-cpu.toml", "--eval-every", "-1", "--print-config")
+    assert result.code == 1 and "command line: eval.every must be >= 0 (0 = only at the end), got -1" in result.err

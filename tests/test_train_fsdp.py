@@ -26,6 +26,7 @@ from gpt2lab.accel import use_fused_loss
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
+from gpt2lab.train import checkpoint as train_checkpoint
 from gpt2lab.train import train
 from gpt2lab.train.config import to_toml
 from gpt2lab.train.parallel import enable_activation_checkpointing
@@ -82,7 +83,8 @@ def test_fsdp_equals_one_process_resumes_on_one_rank_and_halves_the_bytes(corpus
     full = ckpt.checkpoint_dir(fsdp, 8)
     meta = ckpt.read_meta(full)["training"]
     assert (meta["parallel"], meta["world_size"]) == ("fsdp", 2)
-    assert (full / ckpt.SHARDED_SUBDIR / ".metadata").is_file() and not (full / ckpt.OPTIMIZER_FILE).exists()
+    assert (full / train_checkpoint.SHARDED_SUBDIR / ".metadata").is_file()
+    assert not (full / train_checkpoint.OPTIMIZER_FILE).exists()
     wa, wb = load_file(full / ckpt.WEIGHTS_FILE), load_file(ckpt.checkpoint_dir(one, 8) / ckpt.WEIGHTS_FILE)
     assert wa.keys() == wb.keys()
     for k in wa:  # AdamW divides by sqrt(v): a rarely seen embedding row moves by up to 5e-5 (1 of 1.6M)
@@ -193,11 +195,11 @@ def test_fsdp_run_killed_while_checkpointing_resumes_bitwise(corpus, tmp_path, s
     result = torchrun(WORKER, tmp_path / "killed.toml", "-", "--kill-rank1-at", "8", ok=False)
     assert result.returncode != 0 and "SIGKILL" in result.stderr, result.stderr[-4000:]
     half_written = list((killed / "checkpoints").glob(".step_00000008.tmp-*"))
-    assert len(half_written) == 1 and (half_written[0] / ckpt.SHARDED_SUBDIR).is_dir()
+    assert len(half_written) == 1 and (half_written[0] / train_checkpoint.SHARDED_SUBDIR).is_dir()
     assert not (half_written[0] / ckpt.META_FILE).exists()
     # The previous checkpoint is whole and loads; --resume auto picks it and finishes the run bit for bit.
-    assert ckpt.find_latest_training(killed) == ckpt.checkpoint_dir(killed, 4)
-    meta, states = ckpt.load_training_checkpoint(ckpt.checkpoint_dir(killed, 4))
+    assert train_checkpoint.find_latest_training(killed) == ckpt.checkpoint_dir(killed, 4)
+    meta, states = train_checkpoint.load_training_checkpoint(ckpt.checkpoint_dir(killed, 4))
     assert states["counters"]["step"] == 4 and meta["training"]["world_size"] == 2
     torchrun("-m", "gpt2lab", "train", tmp_path / "killed.toml", "--no-progress", "--resume", "auto")
     assert train_losses(killed) == train_losses(straight)
@@ -210,11 +212,11 @@ def saved_bytes(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     """Bytes of the distinct non-parameter storages the forward keeps for the backward."""
     storages: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def record(t: torch.Tensor) -> torch.Tensor:  # called with every tensor the forward saves
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         _, loss = model(*batch)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in storages.items() if ptr not in params)

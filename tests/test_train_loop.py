@@ -22,6 +22,7 @@ from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval import EvalContext
 from gpt2lab.model import GPT
 from gpt2lab.runtime import keep_freed_memory
+from gpt2lab.train import checkpoint as train_checkpoint
 from gpt2lab.train import train
 from gpt2lab.train.config import to_toml
 
@@ -64,7 +65,10 @@ def test_resume_is_bitwise_identical(corpus, tmp_path, optimizer):
 
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")  # exactly, step by step
     assert_same_tensors(weights(tmp_path / "straight", 8), weights(tmp_path / "resumed", 8))
-    opt = [load_file(ckpt.checkpoint_dir(tmp_path / r, 8) / ckpt.OPTIMIZER_FILE) for r in ("straight", "resumed")]
+    opt = [
+        load_file(ckpt.checkpoint_dir(tmp_path / r, 8) / train_checkpoint.OPTIMIZER_FILE)
+        for r in ("straight", "resumed")
+    ]
     assert_same_tensors(*opt)
 
 
@@ -149,6 +153,9 @@ def nan_at_step(monkeypatch):
             return logits, loss
 
         monkeypatch.setattr(GPT, "forward", forward)
+        # The fused loss gives the trainer's model a forward of its own (accel.use_fused_loss): train on
+        # the plain forward, the one patched here.
+        monkeypatch.setenv("GPT2LAB_ACCEL", "0")
 
     return inject
 
@@ -162,7 +169,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, cli, nan_at_
     assert "non-finite loss (nan) at step 5: training stopped" in result.err
     assert "last good checkpoint is" in result.err and "step_00000004" in result.err
     assert [p.name for p in ckpt.find_checkpoints(run)] == ["step_00000002", "step_00000004"]
-    _, states = ckpt.load_training_checkpoint(ckpt.find_latest_training(run))
+    _, states = train_checkpoint.load_training_checkpoint(train_checkpoint.find_latest_training(run))
     assert states["counters"]["step"] == 4 and all(torch.isfinite(t).all() for t in states["model"].values())
 
 
@@ -181,29 +188,29 @@ def test_failed_checkpoint_write_is_an_error_and_keeps_the_previous(corpus, tmp_
     calls = {"n": 0}
 
     def disk_full_on_second_checkpoint(path, *args, **kwargs):
-        if Path(path).name == ckpt.OPTIMIZER_FILE:
+        if Path(path).name == train_checkpoint.OPTIMIZER_FILE:
             calls["n"] += 1
             if calls["n"] == 2:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "atomic_save_safetensors", disk_full_on_second_checkpoint)
+    monkeypatch.setattr(train_checkpoint, "atomic_save_safetensors", disk_full_on_second_checkpoint)
     run = tmp_path / "run"
     with pytest.raises(GPT2LabError, match=r"could not write checkpoint .*step_00000008: No space left on device"):
         train(tiny_config(corpus, run), progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]  # no half-written leftovers
     assert ckpt.load_model(run).config.n_layer == 2
-    assert ckpt.load_training_checkpoint(run / "checkpoints" / "step_00000004")[1]["counters"]["step"] == 4
+    assert train_checkpoint.load_training_checkpoint(run / "checkpoints" / "step_00000004")[1]["counters"]["step"] == 4
 
 
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-import gpt2lab.checkpoint as C
+import gpt2lab.train.checkpoint as train_checkpoint
 from gpt2lab.train.config import load_train_config
 from gpt2lab.train import train
 
-real = C.write_model_files
+real = train_checkpoint.write_model_files
 
 def stall_second_checkpoint(folder, *args, **kwargs):
     if "step_00000008" in Path(folder).name:  # optimizer + trainer state written, weights not yet
@@ -211,7 +218,7 @@ def stall_second_checkpoint(folder, *args, **kwargs):
         time.sleep(120)
     return real(folder, *args, **kwargs)
 
-C.write_model_files = stall_second_checkpoint
+train_checkpoint.write_model_files = stall_second_checkpoint
 train(load_train_config(sys.argv[1]), progress=False)
 """
 
@@ -268,8 +275,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err
     assert "SIGTERM received: stopped after step" in out and "stopped at step" in out
-    latest = ckpt.find_latest_training(run)
-    step = ckpt.load_training_checkpoint(latest)[1]["counters"]["step"]
+    latest = train_checkpoint.find_latest_training(run)
+    step = train_checkpoint.load_training_checkpoint(latest)[1]["counters"]["step"]
     assert 3 <= step < 100000 and latest.name == f"step_{step:08d}"
     assert len(train_losses(run)) == step
 
@@ -311,7 +318,7 @@ def test_finetune_from_a_checkpoint_and_from_hugging_face(corpus, tmp_path):
     cfg = tiny_config(corpus, tuned, shape=False, train={"init_from": str(base), "max_steps": 2}, eval={"every": 2})
     train(cfg, progress=False)
     assert val_losses(tuned)[0] == val_losses(base)[8]  # starts from exactly the base weights
-    states = ckpt.load_training_checkpoint(ckpt.find_latest_training(tuned))[1]
+    states = train_checkpoint.load_training_checkpoint(train_checkpoint.find_latest_training(tuned))[1]
     assert states["counters"]["step"] == states["schedule"]["step"] == 2  # a fresh optimizer and schedule
 
     hf_dir = tmp_path / "hf"

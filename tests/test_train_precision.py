@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from train_utils import tiny_config, train_losses
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import distributed as D
+from gpt2lab import distributed
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.runtime import deterministic, deterministic_cublas
+from gpt2lab.train import checkpoint as train_checkpoint
 from gpt2lab.train import train
 from gpt2lab.train.config import load_train_config, to_toml
 from gpt2lab.train.loop import Trainer
@@ -41,7 +42,7 @@ def records(run: Path, kind: str) -> list[dict]:
 
 def trainer_state(run: Path, step: int) -> dict:
     """The checkpoint's trainer.json as it is on disk."""
-    return json.loads((ckpt.checkpoint_dir(run, step) / ckpt.TRAINER_FILE).read_text())
+    return json.loads((ckpt.checkpoint_dir(run, step) / train_checkpoint.TRAINER_FILE).read_text())
 
 
 def test_fp16_with_loss_scaling_resumes_exactly(corpus, tmp_path, eager_scaler):
@@ -133,7 +134,9 @@ def test_cublas_workspace_is_set_before_cuda_starts_or_reported(monkeypatch):
 def test_deterministic_training_after_cuda_started_is_a_clear_error(corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(D, "setup", lambda device="auto", **kw: D.DistEnv(device=torch.device("cuda", 0)))
+    monkeypatch.setattr(
+        distributed, "setup", lambda device="auto", **kw: distributed.DistEnv(device=torch.device("cuda", 0))
+    )
     cfg = tiny_config(corpus, tmp_path / "run", train={"deterministic": True})
     message = (
         "train.deterministic: CUDA was already started in this process without CUBLAS_WORKSPACE_CONFIG; "

@@ -3,7 +3,7 @@
 Every file gpt2lab writes goes to a temporary name in the same directory, is fsynced, and is then
 renamed over the final name (rename is atomic on POSIX). A kill at any instant therefore leaves either
 the old file or the new one, never a torn one. Directories are handled the same way: built under a
-temporary name, fsynced, renamed.
+temporary name, fsynced, renamed. Both get the permissions `open` and `mkdir` give (the user's umask).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,6 +105,24 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise GPT2LabError(f"cannot read {path}: {e} (the file is corrupt or truncated; download it again)") from None
 
 
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new, empty directory named `.NAME.tmp-XXXXXXXX` beside `path`, to be renamed to `path` when complete.
+
+    Unlike tempfile.mkdtemp, which makes it private (0700), the directory gets the permissions mkdir
+    gives (0777 less the umask), so that the folder it becomes is as readable as any other the user
+    makes (issue 23): a colleague or a server's user can load an exported model.
+    """
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temp directory beside `path`; on a clean exit rename it to `path`.
@@ -117,7 +135,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_dir_beside(path)
     try:
         yield tmp
         fsync_dir(tmp)

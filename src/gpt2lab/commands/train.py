@@ -18,8 +18,48 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
-from ..train.config import load_train_config, to_toml
+from ..train.config import PARALLEL, key_type, load_train_config, to_toml
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A flag that sets one config key as `--set KEY=VALUE` does: read as the key's type (key_type, the
+    annotation --set checks against) and applied with the --set overrides' checks. A true/false key's
+    flag takes no value and sets it true."""
+
+    key: str  # section.key
+    help: str
+    metavar: str = ""
+    choices: tuple[str, ...] = ()
+
+
+# The flags for the keys set most often: `--data DIR` is `--set data.dir=DIR`.
+SHORTCUTS: dict[str, Shortcut] = {
+    "--init-from": Shortcut("train.init_from", "start from these weights: Hub name, HF dir, or checkpoint", "MODEL"),
+    "--data": Shortcut("data.dir", "prepared shards", "DIR"),
+    "--out": Shortcut("train.out_dir", "run directory", "DIR"),
+    "--max-steps": Shortcut("train.max_steps", "optimizer steps", "N"),
+    "--max-minutes": Shortcut(
+        "train.max_minutes", "end the run (evaluate, checkpoint) before M minutes of training have passed", "M"
+    ),
+    "--eval-every": Shortcut("eval.every", "evaluate every N steps", "N"),
+    "--ckpt-every": Shortcut("checkpoint.every", "checkpoint every N steps", "N"),
+    "--device": Shortcut("train.device", "auto | cpu | cuda | mps", "DEV"),
+    "--compile": Shortcut("train.compile", "torch.compile the model"),
+    "--parallel": Shortcut(
+        "train.parallel",
+        "under torchrun: replicate the model (ddp) or shard weights, gradients and optimizer (fsdp)",
+        choices=PARALLEL,
+    ),
+    "--activation-checkpointing": Shortcut(
+        "train.activation_checkpointing", "recompute each block in the backward: less activation memory"
+    ),
+    "--skip-nonfinite": Shortcut(
+        "train.skip_nonfinite", "skip up to N steps with a NaN/inf loss instead of stopping", "N"
+    ),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
+        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable); each flag below that names a key "
+        "is a shortcut for --set",
     )
     p.add_argument(
         "--resume",
@@ -39,40 +80,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: continue from the run's newest checkpoint, if any; PATH: from that checkpoint or run "
         "(default: never, which refuses an out_dir that already has checkpoints)",
     )
-    p.add_argument("--init-from", metavar="MODEL", help="start from these weights: Hub name, HF dir, or checkpoint")
-    p.add_argument("--data", metavar="DIR", help="prepared shards (data.dir)")
-    p.add_argument("--out", metavar="DIR", help="run directory (train.out_dir)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        metavar="M",
-        help="end the run (evaluate, checkpoint) before M minutes of training have passed (train.max_minutes)",
-    )
-    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (eval.every)")
-    p.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (checkpoint.every)")
-    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | mps (train.device)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (train.compile)")
-    p.add_argument(
-        "--parallel",
-        choices=("ddp", "fsdp"),
-        help="under torchrun: replicate the model (ddp) or shard weights, gradients and optimizer (fsdp)",
-    )
-    p.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        default=None,
-        help="recompute each block in the backward: less activation memory (train.activation_checkpointing)",
-    )
+    for flag, shortcut in SHORTCUTS.items():
+        kind, text = key_type(shortcut.key), f"{shortcut.help} ({shortcut.key})"
+        if kind is bool:
+            p.add_argument(flag, dest=shortcut.key, action="store_true", default=None, help=text)
+        else:
+            choices = shortcut.choices or None
+            p.add_argument(
+                flag, dest=shortcut.key, type=kind, choices=choices, metavar=shortcut.metavar or None, help=text
+            )
     p.add_argument("--plan", action="store_true", help="print the per-device memory plan for DDP and FSDP and exit")
     p.add_argument(
         "--world-size", type=int, metavar="N", help="ranks for --plan (default: $WORLD_SIZE, else GPUs, else 1)"
     )
     p.add_argument(
         "--gpu-memory", type=float, metavar="GB", help="device memory for --plan (default: the detected GPU's)"
-    )
-    p.add_argument(
-        "--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/inf loss instead of stopping"
     )
     p.add_argument(
         "--stop-at",
@@ -84,26 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
 
 
-FLAG_KEYS = {
-    "init_from": "train.init_from",
-    "data": "data.dir",
-    "out": "train.out_dir",
-    "max_steps": "train.max_steps",
-    "max_minutes": "train.max_minutes",
-    "eval_every": "eval.every",
-    "ckpt_every": "checkpoint.every",
-    "device": "train.device",
-    "compile": "train.compile",
-    "skip_nonfinite": "train.skip_nonfinite",
-    "parallel": "train.parallel",
-    "activation_checkpointing": "train.activation_checkpointing",
-}
-
-
 def resolve(args: argparse.Namespace):
-    """The TrainConfig: the TOML file, then --set overrides, then the explicit flags."""
+    """The TrainConfig: the TOML file, then --set overrides, then the SHORTCUTS flags given."""
     cfg = load_train_config(args.config, args.overrides)
-    flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name) is not None}
+    keys = [shortcut.key for shortcut in SHORTCUTS.values()]
+    flags = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     return cfg.with_overrides(flags, source="command line") if flags else cfg
 
 
@@ -161,7 +168,7 @@ def memory_plan(cfg, world_size: int | None, gpu_memory_gb: float | None) -> str
     import torch
 
     from ..errors import GPT2LabError
-    from ..train.loop import gradient_accumulation
+    from ..train.build import gradient_accumulation
     from ..train.plan import format_plan, plan
 
     if world_size is None:

@@ -1,6 +1,6 @@
-"""Training: the run's configuration (config.py), the loop (loop.py), its state as components (state.py),
-AdamW and the schedule (optim.py), the starting model (build.py) and what is evaluated along the way
-(evaluate.py).
+"""Training: the run's configuration (config.py), how a run is built (build.py) and the loop (loop.py),
+AdamW and the schedule (optim.py), its checkpoints (checkpoint.py: the state as components, saved,
+resumed and pruned), DDP and FSDP (parallel.py) and what is evaluated along the way (evaluate.py).
 
 >>> from gpt2lab.train import load_train_config, train
 >>> result = train(load_train_config("configs/shakespeare-cpu.toml", ["train.max_steps=50"]))
@@ -21,15 +21,16 @@ _EXPORTS = {
     "to_toml": "config",
     "TrainResult": "loop",
     "Trainer": "loop",
-    "gradient_accumulation": "loop",
+    "gradient_accumulation": "build",
     "train": "loop",
     "lr_at": "optim",
     "param_groups": "optim",
 }
 
 if TYPE_CHECKING:
+    from .build import gradient_accumulation
     from .config import TrainConfig, load_train_config, to_toml
-    from .loop import Trainer, TrainResult, gradient_accumulation, train
+    from .loop import Trainer, TrainResult, train
     from .optim import lr_at, param_groups
 
 __all__ = [

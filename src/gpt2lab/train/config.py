@@ -15,6 +15,7 @@ before anything heavy is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -68,6 +69,9 @@ class OptimSection:
     min_lr: float = 6e-5
     warmup_steps: int = 715
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    # true: under a time limit (train.max_minutes) the schedule keeps pace with the clock where it is ahead
+    # of the steps, so it ends at the limit or at max_steps, whichever comes first (Schedule.follow_clock).
+    fit_schedule_to_time: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -199,7 +203,7 @@ class TrainConfig:
                 value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
                 raise GPT2LabError(f"{source}: {key} must be {what}, got {value!r}")
 
-        m, o, t, e, c = self.model, self.optim, self.train, self.eval, self.checkpoint
+        m, o, t = self.model, self.optim, self.train
         if not t.init_from:
             need(m.preset in MODEL_PRESETS, "model.preset", f"one of {', '.join(MODEL_PRESETS)}")
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -224,6 +228,8 @@ class TrainConfig:
         need(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}")
         need(t.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0")
         need(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no time limit)")
+        fits = t.max_minutes > 0 or not o.fit_schedule_to_time
+        need(fits, "optim.fit_schedule_to_time", "false without a time limit (train.max_minutes)")
         need(t.parallel in PARALLEL, "train.parallel", f"one of {', '.join(PARALLEL)}")
         if o.name == "muon" and t.parallel == "fsdp":
             raise GPT2LabError(
@@ -232,12 +238,12 @@ class TrainConfig:
             )
         need(bool(t.out_dir), "train.out_dir", "a directory")
         need(m.block_size is None or t.seq_len <= m.block_size, "train.seq_len", "at most model.block_size")
-        need(e.every >= 0, "eval.every", ">= 0 (0 = only at the end)")
-        need(e.val_tokens >= 0, "eval.val_tokens", ">= 0 (0 = no validation loss)")
-        need(e.batch_size >= 0, "eval.batch_size", ">= 0 (0 = train.batch_size)")
-        need(e.sample_tokens >= 0, "eval.sample_tokens", ">= 0 (0 = no sample)")
-        need(c.every >= 0, "checkpoint.every", ">= 0 (0 = only at the end)")
-        need(c.keep_last >= 1, "checkpoint.keep_last", "at least 1")
+        need(self.eval.every >= 0, "eval.every", ">= 0 (0 = only at the end)")
+        need(self.eval.val_tokens >= 0, "eval.val_tokens", ">= 0 (0 = no validation loss)")
+        need(self.eval.batch_size >= 0, "eval.batch_size", ">= 0 (0 = train.batch_size)")
+        need(self.eval.sample_tokens >= 0, "eval.sample_tokens", ">= 0 (0 = no sample)")
+        need(self.checkpoint.every >= 0, "checkpoint.every", ">= 0 (0 = only at the end)")
+        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "at least 1")
 
     def model_config(self, vocab_size: int = GPT2_VOCAB_SIZE) -> GPTConfig:
         """The GPTConfig of a run from scratch: the preset with the explicit sizes applied."""
@@ -264,6 +270,15 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL = ("ddp", "fsdp")  # train/parallel.py, which imports torch, names the same two
+
+
+def key_type(key: str) -> Any:
+    """The type of the config key `section.key`: its field's annotation, which --set checks values against."""
+    section, _, name = key.partition(".")
+    hints = _field_types(SECTIONS[section]) if section in SECTIONS else {}
+    if name not in hints:
+        raise GPT2LabError(f"unknown config key {key!r}")
+    return hints[name]
 
 
 def _plain(value: Any) -> Any:
@@ -337,9 +352,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    hints = _field_types(SECTIONS[key.split(".")[0]]) if key.split(".")[0] in SECTIONS else {}
-    if hints.get(key.partition(".")[2]) in (str, str | None) and not isinstance(value, str):
-        value = raw.strip()  # e.g. out_dir=2024 is the directory "2024"
+    with contextlib.suppress(GPT2LabError):  # an unknown key is reported where the overrides are applied
+        if key_type(key) in (str, str | None) and not isinstance(value, str):
+            value = raw.strip()  # e.g. out_dir=2024 is the directory "2024"
     return key, value
 
 

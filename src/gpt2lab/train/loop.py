@@ -11,7 +11,7 @@ One optimizer step (build-nanogpt's loop, llm.c's train_gpt2.py):
     (float16 autocast: backward of the loss x scale, gradients unscaled before clipping, scale updated)
 
 then, by the step count: log to metrics.jsonl, evaluate, checkpoint. A checkpoint at step N holds the
-state after N steps, as a dict of components (train/state.py): weights, AdamW state, loss scaler,
+state after N steps, as a dict of components (train/checkpoint.py): weights, AdamW state, loss scaler,
 schedule, counters, each rank's RNG states and loader position, so `--resume auto` continues exactly
 as if the run had never stopped. SIGINT / SIGTERM finish the current step, write a checkpoint and
 return; a second SIGINT aborts at once. train.max_minutes ends the run after the step that the next
@@ -34,50 +34,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import accel
-from .. import checkpoint as ckpt
-from .. import distributed as D
-from ..accel import CpuLossKernel
-from ..config import GPTConfig
-from ..data import ShardLoader, data_tokenizer
-from ..data.prefetch import PrefetchLoader
-from ..data.shards import MANIFEST_NAME
+from .. import distributed
 from ..errors import GPT2LabError
-from ..fileio import atomic_write_text
-from ..metrics import MetricsWriter, mfu, peak_flops, progress_text, truncate_metrics
-from ..runtime import (
-    autocast,
-    autocast_dtype,
-    deterministic,
-    deterministic_cublas,
-    keep_freed_memory,
-    needs_grad_scaler,
-    seed_everything,
-)
-from ..tokenizer import Tokenizer, get_tokenizer
-from .build import check_same_tokenizer, empty_model, fresh_model, pretrained_model
-from .config import TrainConfig, to_toml
-from .evaluate import EvalContext, EvalTask, Evaluator, describe, sample_text
-from .optim import Schedule, build_optimizer
-from .parallel import (
-    check_fsdp_supported,
-    clip_gradients,
-    enable_activation_checkpointing,
-    gathered_for_eval,
-    shard_model,
-)
-from .saving import CheckpointWriter, find_resume
-from .signals import StopRequest
-from .state import (
-    Counters,
-    ModelState,
-    OptimizerState,
-    RNGState,
-    ShardedModelState,
-    ShardedOptimizerState,
-    Stateful,
-    check_param_names,
-)
+from ..metrics import mfu, progress_text
+from ..runtime import autocast, deterministic
+from .build import TrainerSetup
+from .config import TrainConfig
+from .evaluate import EvalContext, EvalTask, describe, sample_text
+from .parallel import clip_gradients, gathered_for_eval
 
 # The loop's clock: step times, elapsed time, train.max_minutes (a test can replace it).
 _clock = time.perf_counter
@@ -97,48 +61,12 @@ class TrainResult:
     seconds: float
 
 
-def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step: total_batch_tokens / (batch_size x seq_len x ranks), exactly."""
-    t = cfg.train
-    per_micro = t.batch_size * t.seq_len * world_size
-    if t.total_batch_tokens % per_micro:
-        lower = max(per_micro, t.total_batch_tokens // per_micro * per_micro)
-        raise GPT2LabError(
-            f"train.total_batch_tokens ({t.total_batch_tokens:,}) must be a multiple of batch_size x seq_len x "
-            f"ranks = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro:,}; use e.g. {lower:,}, or change "
-            "train.batch_size"
-        )
-    return t.total_batch_tokens // per_micro
-
-
-def compile_backend(name: str) -> str:
-    """`name` if torch.compile knows that backend (inductor, aot_eager, eager, ...), else a clear error."""
-    import torch._dynamo
-
-    if name not in torch._dynamo.list_backends(exclude_tags=()):
-        raise GPT2LabError(
-            f"train.compile_backend {name!r} is not a torch.compile backend (torch._dynamo.list_backends()); "
-            "use inductor, or aot_eager / eager for a quick compile"
-        )
-    return name
-
-
-def data_tokenizer_or_gpt2(data_dir: str) -> Tokenizer:
-    """The tokenizer a prepared directory records (manifest.json); GPT-2's for llm.c's shards, which
-    have no manifest. A missing directory is reported here, before any model is built."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise GPT2LabError(f"data directory {root} not found: prepare it first with 'gpt2lab prepare', or set data.dir")
-    return data_tokenizer(root) if (root / MANIFEST_NAME).is_file() else get_tokenizer()
-
-
-class Trainer:
+class Trainer(TrainerSetup):
     """One training run; `Trainer(cfg).run()` or the `train(cfg)` shortcut.
 
-    Set-up is three steps: `_build` makes every component of the run (environment, data, model,
-    optimizer, schedule, counters, evaluator), `_wrap` puts torch.compile and DDP around the model,
-    and `_restore` loads a checkpoint's state into the components (or starts afresh); `_open_outputs`
-    then readies the run directory.
+    The constructor sets the run up (TrainerSetup, train/build.py: `_build` makes every component,
+    `_wrap` puts torch.compile and DDP around the model, `_restore` loads a checkpoint's state into the
+    components or starts afresh, `_open_outputs` readies the run directory); `run` trains.
     """
 
     def __init__(
@@ -154,198 +82,6 @@ class Trainer:
         self._wrap()
         self._restore()
         self._open_outputs()
-
-    # ------------------------------------------------------------------------------------- set-up
-
-    def _build(self, resume: str, eval_tasks: Sequence[EvalTask]) -> None:
-        """The run's components, unwrapped; a resumed run's model has its shape, not yet its weights."""
-        cfg, t = self.cfg, self.cfg.train
-        cublas_in_time = deterministic_cublas() if t.deterministic else True  # before CUDA starts
-        self.env = D.setup(t.device)
-        self.device = self.env.device
-        if not cublas_in_time and self.device.type == "cuda":
-            raise GPT2LabError(
-                "train.deterministic: CUDA was already started in this process without CUBLAS_WORKSPACE_CONFIG; "
-                "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before starting Python"
-            )
-        self.run_dir = Path(t.out_dir)
-        self.grad_accum = gradient_accumulation(cfg, self.env.world_size)
-        self.tokens_per_step = t.total_batch_tokens
-        self.amp_dtype = autocast_dtype(t.precision, self.device)
-        self.fsdp = t.parallel == "fsdp"
-        if self.fsdp:
-            check_fsdp_supported(self.env.distributed, self.amp_dtype)
-        if self.device.type == "cuda":
-            # TF32 for the float32 matmuls that remain (build-nanogpt); bf16 autocast does the rest.
-            torch.set_float32_matmul_precision("high")
-        # On a CPU, a step's large tensors (the loss's blocks of logits, the gradients) reuse the memory
-        # of the step before instead of page-faulting in fresh mmaps (runtime.keep_freed_memory).
-        self.memory_kept = self.device.type == "cpu" and keep_freed_memory()
-        self.tokenizer = data_tokenizer_or_gpt2(cfg.data.dir)
-        # A thread cuts the next batches while the device computes; pinned, they copy without blocking.
-        self.loader = PrefetchLoader(
-            ShardLoader(
-                cfg.data.dir,
-                "train",
-                batch_size=t.batch_size,
-                seq_len=t.seq_len,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-                seed=t.seed,
-                shuffle=cfg.data.shuffle,
-                tokenizer=self.tokenizer,
-            ),
-            pin_memory=self.device.type == "cuda",
-        )
-        # The stop flag goes into the loss all-reduce as one of these device scalars: a tensor made
-        # from a Python bool every step would be a blocking host-to-device copy.
-        self._flags = (torch.zeros((), device=self.device), torch.ones((), device=self.device))
-
-        self.resumed_from = find_resume(self.run_dir, resume, self.env)
-        self._saved: dict[str, Any] | None = None
-        seed_everything(t.seed)  # the same initial weights on every rank
-        meta: dict[str, Any] = {}
-        if self.resumed_from is not None:
-            meta, self._saved = ckpt.load_training_checkpoint(self.resumed_from)
-            check_same_tokenizer(meta.get("tokenizer"), self.tokenizer, f"checkpoint {self.resumed_from}")
-            model = empty_model(GPTConfig.from_dict(meta["model"]), self.device)
-        elif t.init_from:
-            model = pretrained_model(cfg, self.tokenizer)
-        else:
-            model = fresh_model(cfg, self.tokenizer.n_vocab)
-        if model.config.vocab_size != self.tokenizer.n_vocab:
-            raise GPT2LabError(
-                f"the model has a vocabulary of {model.config.vocab_size} tokens but {cfg.data.dir} was tokenized "
-                f"with {self.tokenizer.name!r} ({self.tokenizer.n_vocab} tokens); prepare the data with the "
-                "model's tokenizer"
-            )
-        if t.seq_len > model.config.block_size:
-            raise GPT2LabError(
-                f"train.seq_len ({t.seq_len}) is longer than the model's context ({model.config.block_size})"
-            )
-        self.model = model.to(self.device)
-        self.loss_kernel, self.loss_kernel_how = self._loss_kernel(meta.get("training", {}).get("cpu_loss_kernel"))
-        accel.use_fused_loss(self.model, self.loss_kernel)  # a no-op where GPT2LAB_ACCEL=0
-        c = cfg.checkpoint
-        self.checkpoints = CheckpointWriter(
-            self.run_dir, self.env, model.config, self.tokenizer, c.keep_last, c.keep_best, sharded=self.fsdp
-        )
-        self.flops_per_token = model.estimate_flops_per_token(t.seq_len)
-        self.peak = peak_flops(self.device, self.amp_dtype)
-        if t.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
-        if self.fsdp:  # in place, before the optimizer: AdamW is built over the sharded parameters
-            shard_model(self.model, self.device, self.amp_dtype)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        # float16 gradients underflow without loss scaling; for bf16 and float32 the scaler does nothing.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype))
-        self.schedule = Schedule(self.optimizer, cfg.optim, t.max_steps)
-        self.counters = Counters()
-        self.rng = RNGState()
-        self.evaluator = Evaluator(
-            cfg.data.dir,
-            self.tokenizer,
-            cfg.eval.val_tokens,
-            cfg.eval.tasks,
-            eval_tasks,
-            self.env.rank,
-            self.env.world_size,
-        )
-        self.stop = StopRequest()
-        self._deadline: float | None = None  # train.max_minutes after run() started (perf_counter)
-        self._last_step_time = 0.0
-        self.last_loss: float | None = None
-        self.last_val: float | None = None
-        self.val_step = -1  # the step last_val was measured at
-
-    def _loss_kernel(self, saved: dict[str, Any] | None) -> tuple[CpuLossKernel | None, str]:
-        """The float32 CPU loss's chunk size and exponential (gpt2lab/accel/loss.py): a resumed run keeps
-        its own, a new one takes what is fastest on this machine (accel/tuning.py), rank 0's on every rank.
-        None where that path is not taken (a GPU, autocast, GPT2LAB_ACCEL=0)."""
-        t = self.cfg.train
-        float32 = self.amp_dtype is None and next(self.model.parameters()).dtype == torch.float32
-        if self.device.type != "cpu" or not float32 or not accel.enabled():
-            return None, ""
-        if saved:
-            return CpuLossKernel.from_dict(saved), f"kept from {self.resumed_from}"
-        mc = self.model.config
-        chosen = None
-        if self.env.is_main:
-            kernel, how = accel.choose_cpu_loss_kernel(
-                mc.n_embd, mc.vocab_size, mc.padded_vocab_size, t.batch_size * t.seq_len
-            )
-            chosen = (kernel.to_dict(), how)
-        kernel_dict, how = D.broadcast_from_main(chosen, self.env)
-        return CpuLossKernel.from_dict(kernel_dict), how
-
-    def components(self) -> dict[str, Stateful]:
-        """The run's state, by component name (see gpt2lab.train.state); PER_RANK ones differ by rank."""
-        if self.fsdp:
-            model: Stateful = ShardedModelState(self.model)
-            optimizer: Stateful = ShardedOptimizerState(self.model, self.optimizer)
-        else:
-            model, optimizer = ModelState(self.model), OptimizerState(self.optimizer)
-        return {
-            "model": model,
-            "optimizer": optimizer,
-            "grad_scaler": self.scaler,
-            "schedule": self.schedule,
-            "counters": self.counters,
-            "loader": self.loader,
-            "rng": self.rng,
-        }
-
-    def _wrap(self) -> None:
-        """`train_model`: the model as the steps call it, compiled and/or under DDP; `self.model`
-        stays the plain GPT (evaluation, sampling and checkpoints use it). Under FSDP `self.model` is
-        already sharded in place (in `_build`); FSDP2's hooks are closed to Dynamo, so the root's
-        forward runs eagerly and each block's forward, between its all-gather and reshard, is compiled
-        (tests/test_train_fsdp.py checks the losses and that graphs were made)."""
-        t = self.cfg.train
-        self.train_model: torch.nn.Module = self.model
-        if t.compile:
-            self.train_model = torch.compile(self.model, backend=compile_backend(t.compile_backend))
-        if self.env.distributed and not self.fsdp:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(self.train_model, device_ids=ids)
-
-    def _restore(self) -> None:
-        """Every component from the checkpoint found by `_find_resume`, or a fresh start's RNG."""
-        seed, rank, world_size = self.cfg.train.seed, self.env.rank, self.env.world_size
-        saved, source = self._saved, self.resumed_from
-        self._saved = None  # the weights are copied into the model: no second copy is kept
-        self.last_ckpt = source
-        if saved is None:
-            if world_size > 1:
-                torch.manual_seed(seed + rank)  # dropout masks differ between ranks, as between micro-steps
-            return
-        ranks = saved["ranks"]
-        same_ranks = len(ranks) == world_size
-        # The loader position is global (the same on every rank), so it carries over to another world size;
-        # the RNG states belong to their ranks.
-        states = {**saved, **(ranks[rank] if same_ranks else {"loader": ranks[0]["loader"]})}
-        try:
-            if "sharded" in saved:  # DCP's shards, onto this run's ranks, sharded or not
-                check_param_names(self.optimizer, saved["optimizer"].get("param_groups", []))
-                ckpt.load_sharded_state(
-                    saved["sharded"], self.model, self.optimizer, saved["optimizer"].get("param_groups", [])
-                )
-                states = {k: v for k, v in states.items() if k not in ("model", "optimizer")}
-            for name, component in self.components().items():
-                if states.get(name):  # absent or {}: e.g. no loss scaler was saved; the fresh one stays
-                    component.load_state_dict(states[name])
-        except GPT2LabError as e:
-            raise GPT2LabError(f"{source}: {e}") from None
-        if not same_ranks:  # another number of ranks: the data order continues, dropout masks are drawn afresh
-            torch.manual_seed(seed + self.counters.step + rank)
-
-    def _open_outputs(self) -> None:
-        self.writer = None
-        if self.env.is_main:
-            truncate_metrics(self.run_dir, self.counters.step)  # nothing past the checkpoint we continue from
-            self.writer = MetricsWriter(self.run_dir, self.cfg.train.tensorboard)
-            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-            ckpt.remove_stale_temporaries(self.run_dir)
 
     # ------------------------------------------------------------------------------------- the loop
 
@@ -368,7 +104,7 @@ class Trainer:
                 self._log({"kind": "event", "step": c.step, "message": f"resumed from {self.resumed_from}"})
             elif self.cfg.eval.every and t.init_from:
                 self._evaluate()  # the pretrained model's val loss: what fine-tuning starts from
-            self._deadline = started + 60 * t.max_minutes if t.max_minutes else None
+            self._start_clock(started)
             while c.step < t.max_steps:
                 t0 = _clock()
                 with deterministic(self.device) if t.deterministic else contextlib.nullcontext():
@@ -395,21 +131,8 @@ class Trainer:
                     self._evaluate()
                 if last or stop or (self.cfg.checkpoint.every and c.step % self.cfg.checkpoint.every == 0):
                     self._save()
-                if last and not done:
-                    if self.env.is_main:
-                        message = (
-                            f"train.max_minutes ({t.max_minutes:g}) reached: stopped after step {c.step} of "
-                            f"{t.max_steps}, checkpoint {self.last_ckpt}"
-                        )
-                        self._log({"kind": "event", "step": c.step, "message": message})
-                        self._print(message)
-                    break
-                if stop and not done:
-                    if self.env.is_main:
-                        why = (
-                            f"{self.stop.signal_name} received" if self.stop.requested else f"--stop-at {self.stop_at}"
-                        )
-                        self._print(f"{why}: stopped after step {c.step}, checkpoint {self.last_ckpt}")
+                if (last or stop) and not done:
+                    self._report_early_end(out_of_time=last)
                     break
         finally:
             self.loader.close()
@@ -428,6 +151,22 @@ class Trainer:
             c.step < t.max_steps,
             _clock() - started,
         )
+
+    def _report_early_end(self, out_of_time: bool) -> None:
+        """Rank 0's word on a run that ends before max_steps: out of time, or asked to stop."""
+        if not self.env.is_main:
+            return
+        c, t = self.counters, self.cfg.train
+        if out_of_time:
+            message = (
+                f"train.max_minutes ({t.max_minutes:g}) reached: stopped after step {c.step} of "
+                f"{t.max_steps}, checkpoint {self.last_ckpt}"
+            )
+            self._log({"kind": "event", "step": c.step, "message": message})
+            self._print(message)
+        else:
+            why = f"{self.stop.signal_name} received" if self.stop.requested else f"--stop-at {self.stop_at}"
+            self._print(f"{why}: stopped after step {c.step}, checkpoint {self.last_ckpt}")
 
     def _train_step(self) -> tuple[float, float, bool, bool]:
         """One optimizer step; returns (mean loss over all ranks' micro-batches, grad norm, stop?, out of
@@ -454,19 +193,27 @@ class Trainer:
                 loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
-        packed = torch.stack([loss_sum, self._flags[self.stop.requested], self._flags[self._out_of_time()]])
-        D.all_reduce_sum(packed)
+        totals = torch.stack([loss_sum, self._flags[self.stop.requested], self._flags[self._out_of_time()]])
+        distributed.all_reduce_sum(totals)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the clipping
         norm_t = clip_gradients(list(self.model.parameters()), clip)  # the global norm, under FSDP too
         # The step's one read from the device: the update is skipped when the loss or the norm is not finite.
-        loss_sum_all, stop_votes, time_votes, norm = torch.stack([*packed, norm_t.float()]).tolist()
+        loss_sum_all, stop_votes, time_votes, norm = torch.stack([*totals, norm_t.float()]).tolist()
         loss_mean, stop = loss_sum_all / self.env.world_size, stop_votes > 0
         if math.isfinite(loss_mean) and math.isfinite(norm):
             self.optimizer.step()  # the scaler's step() would do the same, with one more device read
         self.scaler.update()  # halves the scale after an overflow, grows it after a run of clean steps
         self.optimizer.zero_grad(set_to_none=True)
         return loss_mean, norm, stop, time_votes > 0
+
+    def _start_clock(self, started: float) -> None:
+        """train.max_minutes from `started`; with optim.fit_schedule_to_time the schedule keeps pace with
+        the time gone, every rank with rank 0's clock so that all take the same rates."""
+        limit = 60 * self.cfg.train.max_minutes
+        self._deadline = started + limit if limit else None
+        if limit and self.cfg.optim.fit_schedule_to_time:
+            self.schedule.follow_clock(lambda: distributed.broadcast_from_main((_clock() - started) / limit, self.env))
 
     def _out_of_time(self) -> bool:
         """Would one more step, as long as the last one, end past train.max_minutes? Asked near the end of
@@ -506,7 +253,7 @@ class Trainer:
             "kind": "train",
             "step": self.counters.step,
             "loss": loss,
-            "lr": self.schedule.lr(self.counters.step - 1),
+            "lr": self.schedule.last_lr,
             "grad_norm": norm,
             "tokens": self.counters.tokens,
             "tokens_per_sec": tps,
@@ -518,7 +265,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------- eval and save
 
     def _evaluate(self) -> None:
-        e = self.cfg.eval
+        ev = self.cfg.eval
         ctx = EvalContext(
             step=self.counters.step,
             rank=self.env.rank,
@@ -527,13 +274,13 @@ class Trainer:
             autocast_dtype=self.amp_dtype,
             tokenizer=self.tokenizer,
             seq_len=self.cfg.train.seq_len,
-            batch_size=e.batch_size or self.cfg.train.batch_size,
+            batch_size=ev.batch_size or self.cfg.train.batch_size,
         )
         with gathered_for_eval(self.model):  # a sharded model: whole on every rank meanwhile
             metrics = self.evaluator(self.model, ctx)
             text = None
-            if self.env.is_main and e.sample_tokens:
-                text = sample_text(self.model, self.tokenizer, e.sample_prompt, e.sample_tokens, self.cfg.train.seed)
+            if self.env.is_main and ev.sample_tokens:
+                text = sample_text(self.model, self.tokenizer, ev.sample_prompt, ev.sample_tokens, self.cfg.train.seed)
         if "val_loss" in metrics:
             self.last_val, self.val_step = metrics["val_loss"], self.counters.step
             self.counters.best_val_loss = min(self.counters.best_val_loss, metrics["val_loss"])
@@ -543,11 +290,11 @@ class Trainer:
             self._log({"kind": "eval", "step": self.counters.step, "tokens": self.counters.tokens, **metrics})
             self._print(f"step {self.counters.step}: {describe(metrics)}")
         if text is not None:
-            self._log({"kind": "sample", "step": self.counters.step, "prompt": e.sample_prompt, "text": text})
-            self._print(f"step {self.counters.step} sample: {e.sample_prompt}{text}")
+            self._log({"kind": "sample", "step": self.counters.step, "prompt": ev.sample_prompt, "text": text})
+            self._print(f"step {self.counters.step} sample: {ev.sample_prompt}{text}")
 
     def _save(self) -> None:
-        """Checkpoint the state after `counters.step` steps (see train/saving.py)."""
+        """Checkpoint the state after `counters.step` steps (see train/checkpoint.py)."""
         step = self.counters.step
         meta = {
             "step": step,
@@ -560,7 +307,7 @@ class Trainer:
             "parallel": self.cfg.train.parallel,
             "cpu_loss_kernel": self.loss_kernel.to_dict() if self.loss_kernel is not None else None,
         }
-        self.last_ckpt = self.checkpoints.save(step, self.components(), meta, self.writer, previous=self.last_ckpt)
+        self.last_ckpt = self.checkpointer.save(step, meta, self.writer, previous=self.last_ckpt)
 
     # ------------------------------------------------------------------------------------- output
 
