@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GPT2LabError
+from ..model import unwrap
 from .config import OptimSection
 
 
@@ -65,12 +66,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def muon_param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
-    """`param_groups` with the blocks' matrices (attention and MLP weights, `transformer.h.*`, 2 dims)
+    """`param_groups` with the blocks' matrices (attention and MLP weights: the blocks' 2-dim parameters)
     moved into a third group for Muon, at `muon_lr` (as a multiple of `lr`, so the schedule scales
     both) with `muon_weight_decay`. The embeddings stay with AdamW: Muon is for hidden layers' matrices,
     and the tied wte / lm_head is both the first layer and the last."""
     decay, no_decay = param_groups(model, optim.weight_decay)
-    hidden = [i for i, n in enumerate(decay["names"]) if n.startswith("transformer.h.")]
+    in_blocks = {id(p) for p in unwrap(model).transformer.h.parameters()}
+    hidden = [i for i, p in enumerate(decay["params"]) if id(p) in in_blocks]
     keep = [i for i in range(len(decay["names"])) if i not in hidden]
     muon = {
         "params": [decay["params"][i] for i in hidden],

@@ -35,28 +35,24 @@ HEADROOM = 0.9  # the share of a device's memory a plan may fill
 
 
 def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of GPT(config) by name, the tied lm_head once (the padded vocabulary included)."""
-    C, V, P = config.n_embd, config.padded_vocab_size, config.block_size
-    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (P, C)}
-    per_block = {
-        "ln_1.weight": (C,),
-        "ln_1.bias": (C,),
-        "attn.c_attn.weight": (3 * C, C),
-        "attn.c_attn.bias": (3 * C,),
-        "attn.c_proj.weight": (C, C),
-        "attn.c_proj.bias": (C,),
-        "ln_2.weight": (C,),
-        "ln_2.bias": (C,),
-        "mlp.c_fc.weight": (4 * C, C),
-        "mlp.c_fc.bias": (4 * C,),
-        "mlp.c_proj.weight": (C, 4 * C),
-        "mlp.c_proj.bias": (C,),
-    }
-    for i in range(config.n_layer):
-        shapes.update({f"transformer.h.{i}.{k}": v for k, v in per_block.items()})
-    shapes["transformer.ln_f.weight"] = (C,)
-    shapes["transformer.ln_f.bias"] = (C,)
-    return shapes
+    """Every parameter of GPT(config) by name, the tied lm_head once (the padded vocabulary included).
+    Read off the model built on the meta device: no memory, and no second description of GPT-2."""
+    return {name: tuple(p.shape) for name, p in _meta_model(config).named_parameters()}
+
+
+def block_parameters(config: GPTConfig) -> int:
+    """Parameters of one transformer block: what FSDP gathers at a time besides the root's."""
+    blocks = _meta_model(config).transformer.h
+    return sum(p.numel() for p in next(iter(blocks)).parameters())
+
+
+def _meta_model(config: GPTConfig):
+    import torch
+
+    from ..model import GPT
+
+    with torch.device("meta"):
+        return GPT(config)
 
 
 def shard_numel(shape: tuple[int, ...], world_size: int) -> int:
@@ -119,8 +115,8 @@ def plan(
     if parallel == "fsdp":
         held = sum(shard_numel(s, world_size) for s in shapes.values())
         grads = 4 * (full if grad_accum > 1 else held)
-        root = sum(math.prod(s) for n, s in shapes.items() if ".h." not in n)
-        block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("transformer.h.0."))
+        block = block_parameters(config)
+        root = full - config.n_layer * block
         gathered = 0 if world_size == 1 else compute_bytes * (root + block)
     else:
         held, grads, gathered = full, 4 * full, 0
