@@ -1,43 +1,11 @@
 """Training checkpoints: the state that continues a run bit for bit, written after a step, found and
 restored when the run starts again, and pruned to what `checkpoint.keep_last` / `keep_best` keep.
 
-    checkpoints/step_00001000/
-      model.safetensors       the weights (gpt2lab.checkpoint's model files: a checkpoint is a model too)
-      gpt2lab.json            the model's description, plus "training": {"step", "tokens", "val_loss", ...}
-      optimizer.safetensors   AdamW state tensors, named "<parameter name>.<exp_avg|exp_avg_sq|step>"
-      trainer.json            counters, optimizer groups, schedule, loss scaler, and per rank: RNG + loader
-
-The run's state is a dict of components, each `Stateful` (torchtitan's state_dict / load_state_dict),
-handed to the Checkpointer as one dict and laid out in the files as every trainer.json so far has it:
-
-    component    state_dict()                                kept by               stored in
-    model        the weights by name (the tied lm_head once) ModelState            model.safetensors
-    optimizer    {"tensors": by "<param>.<key>", groups}     OptimizerState        optimizer.safetensors,
-                                                                                   the groups: trainer.json
-    grad_scaler  float16's loss scale ({} when off)          torch.amp.GradScaler  trainer.json, by name
-    schedule     {"step": steps scheduled}                   optim.Schedule        trainer.json, by name
-    counters     step, tokens, skipped_steps, best_val_loss  Counters              trainer.json's top level
-    loader       the data position (epoch, windows consumed) data.PrefetchLoader   trainer.json "ranks"
-    rng          python, numpy and torch generator states    RNGState              trainer.json "ranks"
-
-Like torch's own state_dict()s, these hand out live tensors: they are written before the run moves on.
-`rng` and `loader` are PER_RANK: every rank's are gathered into the list "ranks"; another component is
-left out of trainer.json while its state is empty.
-
-One process and DDP: rank 0 writes everything. A sharded (FSDP) run writes the same directory with the
-model and optimizer tensors in DCP's format (torch.distributed.checkpoint), every rank its own rows:
-
-    dcp/.metadata           DCP's index: every tensor's global shape and which file holds which rows
-    dcp/__<rank>_0.distcp   rank <rank>'s rows of "model.<name>" and "optimizer.state.<name>.<key>"
-    model.safetensors       the whole weights, gathered to rank 0 (sample, eval, convert, --init-from)
-    trainer.json            as above, with "sharded": "dcp"; "optimizer" keeps the parameter groups
-
-DCP records global offsets, so the shards load onto any number of ranks, sharded or not. Either way
-every rank learns the outcome of a write, so a failure stops all of them instead of leaving some
-waiting. The directory is built under a hidden temporary name and renamed into place, so `step_*`
-directories are always complete; a kill -9 mid-write leaves only a hidden `.step_*.tmp-*` directory,
-which the next run removes. Old checkpoints are renamed to a hidden name before deletion for the same
-reason.
+The run's state is a dict of `Stateful` components (torchtitan's state_dict / load_state_dict) handed
+to the `Checkpointer` as one dict: model, optimizer, grad_scaler, schedule, counters, and per rank the
+loader's position and the RNGs. One process and DDP: rank 0 writes the files; a sharded (FSDP) run
+writes the model and optimizer tensors in DCP's format, every rank its own rows. Every checkpoint is
+built under a hidden temporary name and renamed into place. The files: docs/formats.md.
 """
 
 from __future__ import annotations
