@@ -203,16 +203,28 @@ def test_wikitext_2_is_read_as_the_guide_reads_it(monkeypatch):
 
 
 def test_unreachable_dataset_is_one_line(cli, models, tmp_path, monkeypatch):
+    """Offline (the tests' HF_HUB_OFFLINE=1) and not cached, the error says a local file works too; with
+    the Hub there, a failure gives datasets' reason (issue 23)."""
     datasets = pytest.importorskip("datasets")
+    from gpt2lab import download
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     models[0].save_pretrained(tmp_path / "hf")
+    where = "the Hugging Face dataset 'Salesforce/wikitext', config 'wikitext-2-raw-v1', split 'test'"
     result = cli("eval", "--model", tmp_path / "hf", "--task", "perplexity", "--data", "wikitext-2")
     assert result.code == 1
     assert result.err.strip().splitlines() == [
-        "gpt2lab eval: error: cannot load the Hugging Face dataset 'Salesforce/wikitext', config "
-        "'wikitext-2-raw-v1', split 'test': Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)"
+        f"gpt2lab eval: error: cannot open {where}: the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set) "
+        "and the dataset is not in the cache; connect to the internet once to cache it, or evaluate a local "
+        "file: --data path/to/file.txt"
+    ]
+    monkeypatch.setattr(download, "hub_unreachable", lambda: None)
+    result = cli("eval", "--model", tmp_path / "hf", "--task", "perplexity", "--data", "wikitext-2")
+    assert result.code == 1
+    assert result.err.strip().splitlines() == [
+        f"gpt2lab eval: error: cannot open {where}: Couldn't reach 'Salesforce/wikitext' on the Hub "
+        "(LocalEntryNotFoundError) (check the name, --hf-config and --split)"
     ]

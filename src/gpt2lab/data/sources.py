@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..download import cache_dir
+from ..download import cache_dir, load_hf_dataset
 from ..errors import GPT2LabError
 from ..fileio import atomic_open, file_sha256
 from ..jsonl import read_jsonl
@@ -460,20 +460,19 @@ class HFSource(Source):
         return f"Hugging Face dataset {self.dataset!r}{config}, split {self.split!r}"
 
     def open(self) -> None:
-        try:
-            import datasets
-        except ImportError:
-            raise GPT2LabError(
-                "reading a Hugging Face dataset needs the 'datasets' package: pip install 'gpt2lab[data]'"
-            ) from None
+        self._ds = load_hf_dataset(
+            self.dataset,
+            self.config,
+            self.split,
+            streaming=True,
+            where=self._where(),
+            check="check the name, --hf-config, --split and the network",
+            instead="connect to the internet (a Hub dataset is streamed as it is tokenized), or prepare local "
+            "text, JSONL or Parquet files: gpt2lab prepare PATH --out DIR",
+        )
+        import datasets  # loaded by load_hf_dataset
+
         self._datasets_version = datasets.__version__
-        try:
-            self._ds = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
-        except Exception as e:  # datasets raises many types (network, not found, bad config); all are the user's
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise GPT2LabError(
-                f"cannot open the {self._where()}: {reason} (check the name, --hf-config, --split and the network)"
-            ) from None
         info = getattr(self._ds, "info", None)
         splits = getattr(info, "splits", None) or {}
         if self.split in splits and splits[self.split].num_examples:

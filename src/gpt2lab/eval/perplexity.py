@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..data.sources import HF_PREFIX
+from ..download import load_hf_dataset
 from ..errors import GPT2LabError
 from ..model import unwrap
 from ..runtime import autocast
@@ -270,18 +271,16 @@ def _read_hf(
     This is the guide's `"\\n\\n".join(test["text"])`: WikiText marks paragraph breaks with empty
     rows, and keeping them gives the text whose perplexity the guide reports.
     """
-    try:
-        import datasets
-    except ImportError:
-        raise GPT2LabError(
-            "reading a Hugging Face dataset needs the 'datasets' package: pip install 'gpt2lab[data]'"
-        ) from None
     where = f"Hugging Face dataset {dataset!r}" + (f", config {config!r}" if config else "") + f", split {split!r}"
-    try:
-        ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # datasets raises many types (network, unknown name, bad config): all the user's to fix
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GPT2LabError(f"cannot load the {where}: {reason}") from None
+    ds = load_hf_dataset(
+        dataset,
+        config,
+        split,
+        streaming=False,
+        where=where,
+        check="check the name, --hf-config and --split",
+        instead="connect to the internet once to cache it, or evaluate a local file: --data path/to/file.txt",
+    )
     if text_field not in ds.column_names:
         raise GPT2LabError(f"the {where} has no column {text_field!r} (columns: {', '.join(ds.column_names)})")
     rows = [t or "" for t in ds[text_field]]
