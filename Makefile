@@ -40,13 +40,7 @@ chromium:
 		echo "no chromium, and no apt-get as root to install it: the playground's browser test will skip"; \
 	fi
 
-# A waiting OpenMP thread spins 10,000 times (libgomp's GOMP_SPINCOUNT; its default is 300,000), then
-# sleeps: long spinning makes every op wait where other processes hold a core, and sleeping at once
-# (OMP_WAIT_POLICY=PASSIVE) slows a quiet machine (docs/cpu.md, "Threads on a busy machine").
-# An OMP_WAIT_POLICY or GOMP_SPINCOUNT already set wins.
 demo: setup
-	@if [ -z "$${OMP_WAIT_POLICY}$${GOMP_SPINCOUNT}" ]; then export GOMP_SPINCOUNT=10000; fi; \
-	echo "$(BIN)/python -m gpt2lab.demo   (GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-unset} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-unset})"; \
 	$(BIN)/python -m gpt2lab.demo
 
 test: setup chromium

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ._version import __version__
 from .errors import GPT2LabError
+from .openmp import spin_briefly_before_torch
 
 # Subcommand name -> module in gpt2lab.commands that defines `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
@@ -25,6 +26,9 @@ COMMANDS = {
     "plot": "plot",
     "serve": "serve",
 }
+
+# The commands that train or evaluate, where torch computes on the CPU's OpenMP threads for long.
+OPENMP_COMMANDS = ("train", "eval")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in OPENMP_COMMANDS:
+        spin_briefly_before_torch()
     try:
         return int(args._run(args) or 0)
     except GPT2LabError as e:
