@@ -18,10 +18,13 @@ from gpt2lab.checkpoint import (
     find_checkpoints,
     find_latest,
     load_model,
+    looks_local,
+    missing_model_path,
     resolve_checkpoint,
     save_model,
 )
 from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 
 CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50257)
@@ -69,3 +72,71 @@ def test_a_run_directory_reads_as_its_newest_complete_checkpoint(tmp_path, tok):
     assert torch.equal(load_model(run)(idx)[0], newest.eval()(idx)[0])
     meta = json.loads((checkpoint_dir(run, 10) / META_FILE).read_text())
     assert meta["format"] == "gpt2lab" and meta["model"]["n_embd"] == 8
+
+
+# ---------------------------------------------------------------------------- a path that names nothing (issue 23)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The Hugging Face download, replaced by a failure: a local path must never reach it."""
+    import gpt2lab.hf
+
+    def refuse(name):
+        raise AssertionError(f"the Hub was asked for {name!r}")
+
+    monkeypatch.setattr(gpt2lab.hf, "download", refuse)
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_mistyped_run_directory_is_a_local_path_error_with_the_close_name(tmp_path, tok, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    saved_model(checkpoint_dir(tmp_path / "runs" / "demo", 1), tok)
+    result = cli("sample", "--model", "runs/demoo", "--max-new-tokens", "2", "--device", "cpu")
+    assert result.code == 1 and result.out == ""
+    assert result.err == (
+        "gpt2lab sample: error: no model at runs/demoo (no such file or directory); did you mean runs/demo?\n"
+    )
+    with pytest.raises(GPT2LabError, match=r"^no model at runs/nope \(no such file or directory\); check the path"):
+        load_model("runs/nope")
+    deeper = "runs/demo/checkpoints/step_00000009"
+    with pytest.raises(GPT2LabError, match=rf"no model at {deeper} .*did you mean runs/demo/checkpoints/step_00000001"):
+        load_model(deeper)
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "./model",
+        "../elsewhere/model",
+        "/no/such/model",
+        "~/no-such-model",
+        "a/b/c",
+        "weights.safetensors",
+        "step_00000100",
+    ],
+)
+def test_names_that_look_local_never_reach_the_hub(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    assert looks_local(name)
+    with pytest.raises(GPT2LabError, match="^no model at "):
+        load_model(name)
+
+
+def test_a_user_slash_repo_name_still_goes_to_the_hub(tmp_path, monkeypatch):
+    import gpt2lab.hf
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # beside a local runs/, another first component is still a Hub user
+    asked = []
+
+    def download(name):
+        asked.append(name)
+        raise GPT2LabError("offline")
+
+    monkeypatch.setattr(gpt2lab.hf, "download", download)
+    assert not looks_local("someuser/somemodel") and missing_model_path("someuser/somemodel") is None
+    with pytest.raises(GPT2LabError, match="offline"):
+        load_model("someuser/somemodel")
+    assert asked == ["someuser/somemodel"]

@@ -52,7 +52,7 @@ def test_overrides_are_typed():
     "override, message",
     [
         ("optim.lrr=1", "unknown key optim.lrr"),
-        ("foo.bar=1", "unknown key 'foo.bar'"),
+        ("foo.bar=1", r"unknown key foo.bar; the sections are \[model\]"),
         ("optim.lr=fast", "optim.lr must be a number"),
         ("train.max_steps=1.5", "train.max_steps must be an integer"),
         ("train.compile=1", "train.compile must be true or false"),
@@ -95,6 +95,23 @@ def test_bad_toml_files(tmp_path):
         load_train_config(bad)
     with pytest.raises(GPT2LabError, match="not found"):
         load_train_config(tmp_path / "missing.toml")
+
+
+def test_every_unknown_key_is_reported_at_once_with_the_closest_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlrr = 1e-3\n[train]\nmax_step = 10\nlr = 1e-3\nwhatever = 1\n[trainer]\nx = 1\n")
+    overrides = ["trian.max_steps=3", "eval.sample_promt=x", "optim.lr=1e-3"]
+    with pytest.raises(GPT2LabError) as e:
+        load_train_config(bad, overrides)
+    assert str(e.value) == (
+        f"{bad}: unknown key optim.lrr (did you mean optim.lr?), unknown key train.max_step (did you mean "
+        "train.max_steps?), unknown key train.lr (did you mean optim.lr?), unknown key train.whatever, unknown "
+        "section [trainer] (did you mean [train]?); --set: unknown key trian.max_steps (did you mean "
+        "train.max_steps?), unknown key eval.sample_promt (did you mean eval.sample_prompt?); train has: "
+        + ", ".join(TrainConfig().to_dict()["train"])
+    )
+    with pytest.raises(GPT2LabError, match=r"^--set: unknown key optim.lrr \(did you mean optim.lr\?\), unknown key "):
+        TrainConfig().with_overrides({"optim.lrr": 1.0, "train.max_stepz": 2})
 
 
 def test_gradient_accumulation_must_divide():

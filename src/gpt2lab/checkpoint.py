@@ -14,6 +14,7 @@ writes, resumes and prunes those), and reads here as the model it holds.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -35,6 +36,8 @@ FORMAT_VERSION = 1
 CHECKPOINTS_SUBDIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TOKENIZER_SUBDIR = "tokenizer"
+# Names that only a file on disk has: a Hub id is `user/model`, never a weights or config file.
+LOCAL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".gguf")
 
 
 def model_weights(model: GPT) -> dict[str, torch.Tensor]:
@@ -174,11 +177,16 @@ def load_model(
 ) -> GPT:
     """A GPT in eval mode from a Hub name (`gpt2`, `openai-community/gpt2-xl`, ...), a Hugging Face
     directory or weights file, a gpt2lab checkpoint directory, or a run directory (its newest checkpoint).
+    A name that looks like a local path (`looks_local`) and names nothing is an error at once, without
+    asking the Hub.
     """
     from .runtime import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     path = Path(name_or_path).expanduser()
+    missing = missing_model_path(name_or_path)
+    if missing:  # before the Hub: a mistyped path is not a download failure
+        raise GPT2LabError(missing)
     if path.is_dir():
         found = resolve_checkpoint(path)
         if found is not None:
@@ -192,6 +200,45 @@ def load_model(
     from .hf import from_hf
 
     return from_hf(name_or_path, device=device, dtype=torch_dtype).eval()
+
+
+def looks_local(name: str | os.PathLike) -> bool:
+    """Whether `name` can only mean a path on this machine, not a Hub id (`gpt2`, `user/model`): it starts
+    with `.`, `/` or `~`, has more than one slash, ends like a weights or config file, names a run's
+    checkpoint, or its first component is a local directory (`runs/demoo` beside `runs/`)."""
+    text = os.fspath(name)
+    posix = text.replace(os.sep, "/")
+    parts = [part for part in posix.split("/") if part]
+    if posix.startswith((".", "/", "~")) or os.path.isabs(text) or posix.count("/") > 1:
+        return True
+    if posix.lower().endswith(LOCAL_SUFFIXES) or (parts and STEP_DIR.match(parts[-1])):
+        return True
+    return len(parts) > 1 and Path(parts[0]).is_dir()
+
+
+def missing_model_path(name: str | os.PathLike) -> str | None:
+    """The one-line error for a model name that looks like a local path (`looks_local`) where nothing
+    exists, with the closest name in the deepest folder that does exist; None otherwise."""
+    path = Path(name).expanduser()
+    if path.exists() or not looks_local(name):
+        return None
+    parent, lost = path.parent, path.name  # the deepest existing folder, and the first missing part below it
+    while not parent.exists() and parent != parent.parent:
+        parent, lost = parent.parent, parent.name
+    what = "no such file or directory" if parent == path.parent else f"{parent / lost} does not exist"
+    try:
+        names = [child.name for child in parent.iterdir() if not child.name.startswith(".")]
+    except OSError:
+        names = []
+    below = path.relative_to(parent / lost)
+    guesses = [parent / close / below for close in difflib.get_close_matches(lost, names, n=3)]
+    guesses = [guess for guess in guesses if guess.exists()]
+    if guesses:
+        return f"no model at {os.fspath(name)} ({what}); did you mean {guesses[0]}?"
+    return (
+        f"no model at {os.fspath(name)} ({what}); check the path: a run directory, a checkpoint, or a "
+        "Hugging Face model directory"
+    )
 
 
 def checkpoint_tokenizer(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Tokenizer:

@@ -155,8 +155,12 @@ def plan_model_config(cfg):
     if name in MODEL_PRESETS:
         return GPTConfig.from_preset(name, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
     if source:
-        from ..checkpoint import read_meta, resolve_checkpoint
+        from ..checkpoint import missing_model_path, read_meta, resolve_checkpoint
+        from ..errors import GPT2LabError
 
+        missing = missing_model_path(source)
+        if missing:
+            raise GPT2LabError(f"train.init_from: {missing}")
         found = resolve_checkpoint(source)
         if found is not None:
             return GPTConfig.from_dict(read_meta(found)["model"])

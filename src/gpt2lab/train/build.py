@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import accel, distributed
 from ..accel import CpuLossKernel
-from ..checkpoint import is_checkpoint, load_model, read_meta, resolve_checkpoint
+from ..checkpoint import is_checkpoint, load_model, missing_model_path, read_meta, resolve_checkpoint
 from ..config import GPTConfig
 from ..data import ShardLoader, data_tokenizer
 from ..data.prefetch import PrefetchLoader
@@ -35,7 +35,7 @@ from .checkpoint import (
     remove_stale_temporaries,
 )
 from .config import TrainConfig, to_toml
-from .evaluate import EvalTask, Evaluator
+from .evaluate import EvalTask, Evaluator, sample_prompt, split_if_any
 from .optim import Schedule, build_optimizer
 from .parallel import check_fsdp_supported, enable_activation_checkpointing, shard_model
 from .signals import StopRequest
@@ -98,6 +98,14 @@ def train_loader(
     )
 
 
+def precision_text(amp_dtype: torch.dtype | None) -> str:
+    """How the steps compute, in words: "float32", "bfloat16 autocast (float32 weights)", ..."""
+    if amp_dtype is None:
+        return "float32"
+    scaling = ", loss scaling" if needs_grad_scaler(amp_dtype) else ""
+    return f"{str(amp_dtype).removeprefix('torch.')} autocast{scaling} (float32 weights)"
+
+
 def starting_model(
     cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, resumed_from: Path | None, meta: dict[str, Any]
 ) -> GPT:
@@ -139,6 +147,9 @@ def pretrained_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
         raise GPT2LabError(
             f"model.{explicit[0]} cannot be set together with train.init_from: the shape comes from {source}"
         )
+    missing = missing_model_path(source)
+    if missing:
+        raise GPT2LabError(f"train.init_from: {missing}")
     if Path(source).expanduser().is_dir() and resolve_checkpoint(Path(source).expanduser()) is not None:
         source = str(resolve_checkpoint(Path(source).expanduser()))
     loaded = load_model(source)
@@ -233,6 +244,11 @@ class TrainerSetup:
             self.env.rank,
             self.env.world_size,
         )
+        self.val_split = self.evaluator.val_data
+        if self.val_split is None:
+            self.val_split = split_if_any(cfg.data.dir, "val", self.tokenizer)
+        train_tokens = self.loader.loader.tokens
+        self.sample_prompt = sample_prompt(cfg.eval.sample_prompt, self.val_split, train_tokens, self.tokenizer)
         self.stop = StopRequest()
         self._deadline: float | None = None  # train.max_minutes after run() started (perf_counter)
         self._last_step_time = 0.0
@@ -273,6 +289,7 @@ class TrainerSetup:
         if self.resumed_from is not None:
             meta, self._saved = load_training_checkpoint(self.resumed_from)
         self.model = starting_model(self.cfg, self.tokenizer, self.device, self.resumed_from, meta)
+        self.num_params = self.model.num_params()  # counted whole, before FSDP shards the model
         self.loss_kernel, self.loss_kernel_how = self._loss_kernel(meta.get("training", {}).get("cpu_loss_kernel"))
         accel.use_fused_loss(self.model, self.loss_kernel)  # a no-op where GPT2LAB_ACCEL=0
         self.flops_per_token = self.model.estimate_flops_per_token(t.seq_len)
@@ -325,6 +342,41 @@ class TrainerSetup:
             self.checkpointer.restore(saved, self.resumed_from, self.cfg.train.seed)
         elif self.env.world_size > 1:  # dropout masks differ between ranks, as between micro-steps
             torch.manual_seed(self.cfg.train.seed + self.env.rank)
+
+    def _header(self) -> list[str]:
+        """What the run is about to do, in a few lines for rank 0 to print before its first step: the
+        model, the device and precision, the data, the steps and their tokens, evaluation, the run directory."""
+        cfg, t, ev, mc = self.cfg, self.cfg.train, self.cfg.eval, self.model.config
+        start = "initialised afresh" if not t.init_from else f"weights of {t.init_from}"
+        if self.resumed_from is not None:
+            start = "from the checkpoint"
+        device, threads = str(self.device), torch.get_num_threads()
+        if self.device.type == "cpu":
+            device += f", {threads} thread{'s' if threads > 1 else ''}"
+        if self.env.world_size > 1:
+            device += f" x {self.env.world_size} ranks ({t.parallel})"
+        compiled = ", torch.compile" if t.compile else ""
+        train_tokens = len(self.loader.loader.tokens)
+        val_tokens = len(self.val_split) if self.val_split is not None else 0
+        total = t.max_steps * self.tokens_per_step
+        evals = f"every {ev.every:,} steps and at the end" if ev.every else "at the end"
+        what = [f"val loss on up to {min(ev.val_tokens, val_tokens):,} val tokens"] if ev.val_tokens else []
+        what += list(ev.tasks)
+        if ev.sample_tokens:
+            prompt = repr(self.sample_prompt) if self.sample_prompt else "a new document"
+            what.append(f"a {ev.sample_tokens}-token sample from {prompt}")
+        return [
+            f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} wide, context {mc.block_size}: "
+            f"{self.num_params:,} parameters ({start})",
+            f"device: {device}, {precision_text(self.amp_dtype)}{compiled}",
+            f"data: {train_tokens:,} train and {val_tokens:,} val tokens in {cfg.data.dir}, tokenizer "
+            f"{self.tokenizer.name} ({self.tokenizer.n_vocab:,} tokens)",
+            f"steps: {t.max_steps:,} x {self.tokens_per_step:,} tokens = {total:,} tokens "
+            f"({total / train_tokens:.3g} passes over the train tokens); micro-batches of {t.batch_size} x "
+            f"{t.seq_len}, gradient accumulation {self.grad_accum}",
+            f"eval: {evals}: {', '.join(what)}" if what else "eval: none",
+            f"run directory: {self.run_dir}",
+        ]
 
     def _open_outputs(self) -> None:
         """Rank 0's metrics.jsonl (cut back to the step the run continues from), config.toml, and a

@@ -6,8 +6,9 @@ A run is one TrainConfig, made of the sections below, and is written as TOML:
     preset = "gpt2"         lr = 6e-4             batch_size = 64 ...
 
 Every key has a type (the field's annotation); a TOML file or a `--set section.key=value` override
-with an unknown key or a value of the wrong type is a GPT2LabError naming the key. The model's own
-shape (GPTConfig, MODEL_PRESETS) is `gpt2lab.config`; `TrainConfig.model_config()` builds one.
+with a value of the wrong type is a GPT2LabError naming the key, and unknown keys are one GPT2LabError
+naming all of them, each with the closest known key. The model's own shape (GPTConfig, MODEL_PRESETS)
+is `gpt2lab.config`; `TrainConfig.model_config()` builds one.
 
 This module imports no torch: the CLI reads and prints configs (`gpt2lab train --print-config`)
 before anything heavy is loaded.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -27,6 +29,8 @@ from typing import Any
 
 from ..config import GPT2_VOCAB_SIZE, MODEL_PRESETS, GPTConfig
 from ..errors import GPT2LabError
+
+SAMPLE_PROMPT_FROM_DATA = "auto"  # eval.sample_prompt's value for a prompt taken from the data
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,9 @@ class EvalSection:
     every: int = 250  # 0 = only at the end
     val_tokens: int = 10485760  # fixed val budget (build-nanogpt: 20 x 64 x 1024 x 8 GPUs)
     batch_size: int = 0  # 0 = train.batch_size
-    sample_prompt: str = "Hello, I'm a language model,"
+    # "auto": the first words of the data's val split (its first line, a few tokens), so the sample fits
+    # whatever corpus is trained on; "" starts a new document; any other text is the prompt itself.
+    sample_prompt: str = SAMPLE_PROMPT_FROM_DATA
     sample_tokens: int = 32
     tasks: tuple[str, ...] = ()  # e.g. ["hellaswag"]; see gpt2lab.train.evaluate
 
@@ -161,22 +167,16 @@ class TrainConfig:
         """Build and check a config from nested dicts (a parsed TOML file); missing keys keep defaults."""
         if not isinstance(d, dict):
             raise GPT2LabError(f"{source}: expected a table of sections")
-        unknown = sorted(set(d) - set(SECTIONS))
+        unknown = unknown_keys(d)
         if unknown:
-            raise GPT2LabError(
-                f"{source}: unknown section [{unknown[0]}]; sections are: {', '.join(f'[{s}]' for s in SECTIONS)}"
-            )
+            raise GPT2LabError(unknown_keys_message([(source, unknown)]))
         sections = {}
         for name, section_cls in SECTIONS.items():
             values = d.get(name, {})
             if not isinstance(values, dict):
                 raise GPT2LabError(f"{source}: '{name}' must be a table ([{name}])")
             hints = _field_types(section_cls)
-            kwargs = {}
-            for key, value in values.items():
-                if key not in hints:
-                    raise GPT2LabError(f"{source}: unknown key {name}.{key}; {name} has: {', '.join(hints)}")
-                kwargs[key] = _check_type(f"{name}.{key}", value, hints[key], source)
+            kwargs = {key: _check_type(f"{name}.{key}", value, hints[key], source) for key, value in values.items()}
             sections[name] = section_cls(**kwargs)
         config = cls(**sections)
         config.validate(source)
@@ -184,14 +184,12 @@ class TrainConfig:
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "--set") -> TrainConfig:
         """A copy with dotted keys replaced, e.g. {"optim.lr": 3e-4}; values are type-checked."""
+        unknown = unknown_keys(overrides)
+        if unknown:
+            raise GPT2LabError(unknown_keys_message([(source, unknown)]))
         d = self.to_dict()
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
-            if section not in SECTIONS or not key:
-                raise GPT2LabError(
-                    f"{source}: unknown key {dotted!r}; keys look like section.key with section one of "
-                    f"{', '.join(SECTIONS)}"
-                )
             d[section][key] = value
         return TrainConfig.from_dict(d, source)
 
@@ -281,6 +279,60 @@ def key_type(key: str) -> Any:
     return hints[name]
 
 
+def unknown_keys(d: dict[str, Any]) -> list[str]:
+    """The names in `d` that are not config keys: `[section]` for an unknown table and `section.key` for
+    an unknown key of a {section: {key: value}} dict (a parsed TOML file), or the unknown dotted keys of
+    a {"section.key": value} dict (overrides)."""
+    found = []
+    for name, values in d.items():
+        if isinstance(values, dict) and name in SECTIONS:
+            found += [f"{name}.{key}" for key in values if key not in _field_types(SECTIONS[name])]
+        elif isinstance(values, dict) or "." not in name:
+            found.append(f"[{name}]" if isinstance(values, dict) else name)
+        else:
+            section, _, key = name.partition(".")
+            if section not in SECTIONS or key not in _field_types(SECTIONS[section]):
+                found.append(name)
+    return found
+
+
+def closest_key(name: str) -> str | None:
+    """The known name nearest to an unknown one: `[section]` for a table; for `section.key`, a key of the
+    same section, else the same or a similar key of another section (`train.lr` -> `optim.lr`)."""
+    if name.startswith("["):
+        close = difflib.get_close_matches(name.strip("[]"), list(SECTIONS), n=1)
+        return f"[{close[0]}]" if close else None
+    section, _, key = name.rpartition(".")
+    own = list(_field_types(SECTIONS[section])) if section in SECTIONS else []
+    if close := difflib.get_close_matches(key, own, n=1):
+        return f"{section}.{close[0]}"
+    anywhere: dict[str, str] = {}
+    for other, cls in SECTIONS.items():
+        for known in _field_types(cls):
+            anywhere.setdefault(known, f"{other}.{known}")
+    close = difflib.get_close_matches(key, list(anywhere), n=1, cutoff=0.8)  # stricter: a guess across sections
+    return anywhere[close[0]] if close else None
+
+
+def unknown_keys_message(found: list[tuple[str, list[str]]]) -> str:
+    """One line naming every unknown key (`unknown_keys`) of each (source, names), each with the closest
+    known key; where there is none, the keys of its section (or the sections) are listed after."""
+    parts, listed = [], {}
+    for source, names in found:
+        items = []
+        for name in names:
+            close = closest_key(name)
+            kind = "section" if name.startswith("[") else "key"
+            items.append(f"unknown {kind} {name}" + (f" (did you mean {close}?)" if close else ""))
+            section = name.rpartition(".")[0]
+            if close is None and section in SECTIONS:
+                listed[section] = f"{section} has: {', '.join(_field_types(SECTIONS[section]))}"
+            elif close is None:
+                listed[""] = f"the sections are {', '.join(f'[{s}]' for s in SECTIONS)}"
+        parts.append(f"{source}: {', '.join(items)}")
+    return "; ".join(parts + list(listed.values()))
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -360,8 +412,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_train_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """TOML file (or the defaults when `path` is None) + `section.key=value` overrides, checked."""
-    base = TrainConfig.from_dict(load_toml(path), str(path)) if path is not None else TrainConfig()
+    tables = load_toml(path) if path is not None else {}
     parsed = dict(parse_override(o) for o in overrides)
+    # Every unknown key at once, the file's and the overrides', so that one run shows every typo.
+    found = [(str(path), unknown_keys(tables)), ("--set", unknown_keys(parsed))]
+    if any(names for _, names in found):
+        raise GPT2LabError(unknown_keys_message([(source, names) for source, names in found if names]))
+    base = TrainConfig.from_dict(tables, str(path)) if path is not None else TrainConfig()
     return base.with_overrides(parsed) if parsed else base
 
 

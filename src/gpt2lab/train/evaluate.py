@@ -3,7 +3,7 @@
 Validation loss and HellaSwag are gpt2lab.eval's own functions, called with the loop's EvalContext:
 the val split's first `eval.val_tokens` tokens, cut into fixed windows that every rank count shares, so
 the number is the same for one process or eight. A short sample from a fixed prompt and seed shows
-progress in words.
+progress in words; the prompt is eval.sample_prompt, or with "auto" the data's first words (`data_prompt`).
 
 Any other evaluation is an `EvalTask`: a callable run on every rank with the (possibly DDP- or
 compile-wrapped) model and the EvalContext (its `step`, `tokenizer` and `seq_len` filled in by the
@@ -24,18 +24,35 @@ from typing import Any
 import torch.nn as nn
 
 from .. import accel
+from ..data import open_split_tokens
+from ..data.shards import TokenSequence
 from ..errors import GPT2LabError
 from ..eval.common import EvalContext
 from ..generate import SamplingParams, generate
 from ..model import GPT
 from ..runtime import rng_state, set_rng_state
 from ..tokenizer import Tokenizer
+from .config import SAMPLE_PROMPT_FROM_DATA
 
-__all__ = ["NAMED_TASKS", "EvalContext", "EvalTask", "Evaluator", "describe", "sample_text"]
+__all__ = [
+    "NAMED_TASKS",
+    "EvalContext",
+    "EvalTask",
+    "Evaluator",
+    "data_prompt",
+    "describe",
+    "sample_prompt",
+    "sample_text",
+    "split_if_any",
+]
 
 EvalTask = Callable[[nn.Module, EvalContext], dict[str, float]]
 
 NAMED_TASKS = ("hellaswag",)
+# A prompt taken from the data keeps a few words of it: enough to set the scene, short enough to leave the
+# sample to the model.
+PROMPT_TOKENS = 8
+PROMPT_SEARCH_TOKENS = 1024  # where its first line is looked for
 
 
 class Evaluator:
@@ -102,6 +119,43 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: i
         accel.unpack(model)  # generate may have packed weights for decoding; training runs on the plain ones
         model.train(was_training)
     return tokenizer.decode(out.tokens[0])
+
+
+def split_if_any(data_dir: str, split: str, tokenizer: Tokenizer) -> TokenSequence | None:
+    """The `split` of a prepared directory, or None where it has none."""
+    try:
+        return open_split_tokens(data_dir, split, tokenizer)
+    except GPT2LabError:
+        return None
+
+
+def sample_prompt(prompt: str, val: TokenSequence | None, train: TokenSequence, tokenizer: Tokenizer) -> str:
+    """eval.sample_prompt as the loop samples from it: the text given, or for "auto" the first words of
+    the val split (of the train split where there is no val split)."""
+    if prompt != SAMPLE_PROMPT_FROM_DATA:
+        return prompt
+    return data_prompt(val if val is not None else train, tokenizer)
+
+
+def data_prompt(tokens: Any, tokenizer: Tokenizer) -> str:
+    """A sample prompt from the data (eval.sample_prompt = "auto"): the first non-blank line of the first
+    document in `tokens` (a split's TokenSequence, an array or a list of ids, read from its start), cut at
+    a word boundary after at most PROMPT_TOKENS tokens; "" (a new document) where they hold no text."""
+    ids = [int(t) for t in tokens[:PROMPT_SEARCH_TOKENS]]
+    documents: list[list[int]] = [[]]
+    for token in ids:  # prepared documents begin with <|endoftext|>
+        if token == tokenizer.eot_token:
+            documents.append([])
+        else:
+            documents[-1].append(token)
+    lines = (line.strip() for doc in documents for line in tokenizer.decode(doc).splitlines())
+    line = next((line for line in lines if line), "")
+    words = tokenizer.encode_ordinary(line)
+    if len(words) <= PROMPT_TOKENS:
+        return line
+    cut = tokenizer.decode(words[:PROMPT_TOKENS]).rstrip("\ufffd")
+    head, space, _ = cut.rpartition(" ")
+    return (head if space and head.strip() else cut).rstrip()
 
 
 def describe(metrics: dict[str, Any]) -> str:

@@ -90,19 +90,11 @@ class Trainer(TrainerSetup):
         checkpoint writes raise GPT2LabError, leaving the last good checkpoint as it was."""
         t, c, started = self.cfg.train, self.counters, _clock()
         self.stop.install()
-        bar = self._progress_bar()
+        bar = None
         try:
-            if self.memory_kept:
-                note = "CPU memory: freed memory is kept for the next steps (glibc malloc without mmap)"
-                self._log({"kind": "event", "step": c.step, "message": note})
-            if self.loss_kernel is not None:
-                note = f"float32 CPU loss: {self.loss_kernel}; {self.loss_kernel_how}"
-                self._log({"kind": "event", "step": c.step, "message": note})
-                if bar is not None:
-                    self._print(note)
-            if self.resumed_from is not None:
-                self._log({"kind": "event", "step": c.step, "message": f"resumed from {self.resumed_from}"})
-            elif self.cfg.eval.every and t.init_from:
+            self._announce()
+            bar = self._progress_bar()
+            if self.resumed_from is None and self.cfg.eval.every and t.init_from:
                 self._evaluate()  # the pretrained model's val loss: what fine-tuning starts from
             self._start_clock(started)
             while c.step < t.max_steps:
@@ -151,6 +143,27 @@ class Trainer(TrainerSetup):
             c.step < t.max_steps,
             _clock() - started,
         )
+
+    def _announce(self) -> None:
+        """Rank 0's opening lines, printed and logged as events: the header (TrainerSetup._header), the
+        step a resumed run continues from, and how a CPU computes (its loss kernel printed beside a bar)."""
+        if not self.env.is_main:
+            return
+        c, t = self.counters, self.cfg.train
+        lines = self._header()
+        if self.resumed_from is not None:
+            lines.append(f"resuming from step {c.step} of {t.max_steps} (checkpoint {self.resumed_from})")
+        for line in lines:
+            self._log({"kind": "event", "step": c.step, "message": line})
+            self._print(line)
+        if self.memory_kept:
+            note = "CPU memory: freed memory is kept for the next steps (glibc malloc without mmap)"
+            self._log({"kind": "event", "step": c.step, "message": note})
+        if self.loss_kernel is not None:
+            note = f"float32 CPU loss: {self.loss_kernel}; {self.loss_kernel_how}"
+            self._log({"kind": "event", "step": c.step, "message": note})
+            if self.progress:
+                self._print(note)
 
     def _report_early_end(self, out_of_time: bool) -> None:
         """Rank 0's word on a run that ends before max_steps: out of time, or asked to stop."""
@@ -280,7 +293,8 @@ class Trainer(TrainerSetup):
             metrics = self.evaluator(self.model, ctx)
             text = None
             if self.env.is_main and ev.sample_tokens:
-                text = sample_text(self.model, self.tokenizer, ev.sample_prompt, ev.sample_tokens, self.cfg.train.seed)
+                seed = self.cfg.train.seed
+                text = sample_text(self.model, self.tokenizer, self.sample_prompt, ev.sample_tokens, seed)
         if "val_loss" in metrics:
             self.last_val, self.val_step = metrics["val_loss"], self.counters.step
             self.counters.best_val_loss = min(self.counters.best_val_loss, metrics["val_loss"])
@@ -290,8 +304,8 @@ class Trainer(TrainerSetup):
             self._log({"kind": "eval", "step": self.counters.step, "tokens": self.counters.tokens, **metrics})
             self._print(f"step {self.counters.step}: {describe(metrics)}")
         if text is not None:
-            self._log({"kind": "sample", "step": self.counters.step, "prompt": ev.sample_prompt, "text": text})
-            self._print(f"step {self.counters.step} sample: {ev.sample_prompt}{text}")
+            self._log({"kind": "sample", "step": self.counters.step, "prompt": self.sample_prompt, "text": text})
+            self._print(f"step {self.counters.step} sample: {self.sample_prompt}{text}")
 
     def _save(self) -> None:
         """Checkpoint the state after `counters.step` steps (see train/checkpoint.py)."""
