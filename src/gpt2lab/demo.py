@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import GPT2LabError
 from .fileio import atomic_write_text
+from .openmp import spin_briefly_before_torch
 from .train.config import TrainConfig, load_train_config
 
 CONFIG_NAME = "shakespeare-cpu.toml"
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps must be at least 1, got {args.steps}")
     t_start = time.perf_counter()
+    spin_briefly_before_torch()  # as `gpt2lab train` does, before torch loads
     try:
         from .train.loop import train
 
