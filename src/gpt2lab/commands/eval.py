@@ -1,4 +1,4 @@
-"""Evaluate GPT-2 or a gpt2lab checkpoint: HellaSwag, validation loss, perplexity and bits per byte.
+"""Evaluate GPT-2 or a gpt2lab checkpoint: HellaSwag, validation loss, perplexity, bits per byte and CORE.
 
 Examples:
   gpt2lab eval --model gpt2 --task hellaswag                       # expect acc_norm 0.2955
@@ -6,6 +6,7 @@ Examples:
   gpt2lab eval --model gpt2 --task perplexity --data wikitext-2 --stride 512
   gpt2lab eval --model gpt2 --task perplexity --data notes.txt --json ppl.json
   torchrun --nproc_per_node=8 -m gpt2lab eval --model gpt2-xl --task hellaswag
+  gpt2lab eval --model gpt2 --task core --bundle eval_bundle.zip   # DCLM CORE, as nanochat computes it
 
 --data is, per task: hellaswag  a JSONL file in the official schema (default: the official validation
 set, downloaded once); val-loss  a directory made by 'gpt2lab prepare' (its val split); perplexity  a
@@ -25,7 +26,7 @@ from .._version import __version__
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_json
 
-TASKS = ("hellaswag", "val-loss", "perplexity")
+TASKS = ("hellaswag", "val-loss", "perplexity", "core")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write every number, the model, data and method here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("hellaswag")
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N items only")
+    g.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="score the first N items only (core: of each task)"
+    )
+    g = p.add_argument_group("core")
+    g.add_argument(
+        "--bundle",
+        default=None,
+        metavar="DIR_OR_ZIP",
+        help="nanochat's eval_bundle, a folder or its zip (default: downloaded once into gpt2lab's cache)",
+    )
     g = p.add_argument_group("val-loss")
     g.add_argument(
         "--max-tokens",
@@ -98,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
         pack_for_inference(model, 64)  # on a CPU, where packed weights are faster (gpt2lab/accel)
         started = time.perf_counter()
-        task = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity}[args.task]
+        task = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity, "core": _core}[args.task]
         ctx = EvalContext(
             device=device,
             rank=dist.rank,
@@ -160,6 +170,31 @@ def _hellaswag(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, 
         "method": hellaswag.METHOD,
         "results": result.to_dict(),
         "references": {"acc_norm": HELLASWAG_REFERENCES, "expected_for_this_checkpoint": expected or None},
+    }
+    return rows, report
+
+
+def _core(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    from ..eval import core
+    from ..fileio import file_sha256
+
+    path = core.bundle_path(args.bundle, ctx.rank)
+    result = core.evaluate(model, tok, core.Bundle(path), ctx, limit=args.limit)
+    rows = [
+        (t.label, f"accuracy {t.accuracy:.4f}  centred {t.centered:.4f}  ({t.items} items, {t.num_fewshot}-shot)")
+        for t in result.tasks
+    ]
+    rows.append(("CORE", f"{result.core:.4f} (mean of {len(result.tasks)} centred accuracies)"))
+    report = {
+        "data": {
+            "bundle": str(path),
+            "sha256": file_sha256(path) if path.is_file() else None,
+            "downloaded": args.bundle is None,
+            "limit_per_task": args.limit,
+        },
+        "method": core.METHOD,
+        "results": result.to_dict(),
+        "references": {},
     }
     return rows, report
 
