@@ -28,7 +28,7 @@ LAYERS = {
     "config": ("gpt2lab.config",),
     "model": ("gpt2lab.model",),
     "accel": ("gpt2lab.accel",),
-    "model users": ("gpt2lab.checkpoint", "gpt2lab.distributed", "gpt2lab.generate", "gpt2lab.hf"),
+    "model users": ("gpt2lab.checkpoint", "gpt2lab.distributed", "gpt2lab.generate", "gpt2lab.gguf", "gpt2lab.hf"),
     "data": ("gpt2lab.data", "gpt2lab.tokenizer_train"),
     "eval": ("gpt2lab.eval",),
     "serve": ("gpt2lab.serve",),

@@ -43,8 +43,9 @@ def _tmp_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
-    """Open a temp file beside `path`; on a clean exit fsync it and rename it to `path`.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp name beside `path`, for writers that open the file themselves (gguf's writer): on a clean
+    exit the file written there is fsynced and renamed to `path`.
 
     On an exception the temp file is removed and `path` is left as it was.
     """
@@ -52,9 +53,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -62,6 +62,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
+    """Open a temp file beside `path`; on a clean exit fsync it and rename it to `path` (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
