@@ -9,12 +9,15 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 import torch
 
 from .errors import GPT2LabError
 from .fileio import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from .train.wandb_log import WandbRun
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -123,7 +126,7 @@ def progress_text(rec: dict[str, Any]) -> str:
 
 
 class MetricsWriter:
-    """Appends records to RUN/metrics.jsonl (and optionally TensorBoard). Only rank 0 makes one.
+    """Appends records to RUN/metrics.jsonl (and optionally TensorBoard and wandb). Only rank 0 makes one.
 
     One JSON object per line, with a "kind" (train, eval, sample, event) and `step`, the optimizer steps
     completed, e.g. {"kind": "train", "step": 10, "loss": 4.21, "lr": 6e-4, "grad_norm": 0.9, "tokens":
@@ -131,7 +134,8 @@ class MetricsWriter:
     appended to, never rewritten per step (that costs O(steps^2)): flushed per line, fsynced per checkpoint.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = False, wandb: WandbRun | None = None) -> None:
+        self._wandb = wandb  # made by the caller (it needs the config); gets every record too
         self._tb = None
         if tensorboard:
             try:
@@ -150,6 +154,8 @@ class MetricsWriter:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def sync(self) -> None:
         """Make every record so far durable (called with each checkpoint)."""
@@ -162,6 +168,8 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -59,6 +59,7 @@ SHORTCUTS: dict[str, Shortcut] = {
     "--skip-nonfinite": Shortcut(
         "train.skip_nonfinite", "skip up to N steps with a NaN/inf loss instead of stopping", "N"
     ),
+    "--wandb": Shortcut("train.wandb_project", "also log to this Weights & Biases project", "PROJECT"),
 }
 
 

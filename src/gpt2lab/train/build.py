@@ -39,6 +39,7 @@ from .evaluate import EvalTask, Evaluator, sample_prompt, split_if_any
 from .optim import Schedule, build_optimizer
 from .parallel import check_fsdp_supported, enable_activation_checkpointing, shard_model
 from .signals import StopRequest
+from .wandb_log import WandbRun
 
 
 def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
@@ -378,12 +379,28 @@ class TrainerSetup:
             f"run directory: {self.run_dir}",
         ]
 
+    def _wandb_run(self) -> WandbRun | None:
+        """The wandb run that rank 0's records also go to, or None without train.wandb_project: a resumed
+        run logs into the wandb run it logged into before (RUN/wandb.json), with its samples so far."""
+        t = self.cfg.train
+        if not t.wandb_project:
+            return None
+        derived = {"num_params": self.num_params, "world_size": self.env.world_size, "grad_accum": self.grad_accum}
+        return WandbRun(
+            self.run_dir,
+            t.wandb_project,
+            {**self.cfg.to_dict(), "run": derived},
+            entity=t.wandb_entity,
+            name=t.wandb_run_name,
+            resume=self.resumed_from is not None,
+        )
+
     def _open_outputs(self) -> None:
         """Rank 0's metrics.jsonl (cut back to the step the run continues from), config.toml, and a
-        checkpoints/ without the leftovers of a killed run."""
+        checkpoints/ without the leftovers of a killed run; with train.wandb_project, its wandb run too."""
         self.writer = None
         if self.env.is_main:
             truncate_metrics(self.run_dir, self.counters.step)  # nothing past the checkpoint we continue from
-            self.writer = MetricsWriter(self.run_dir, self.cfg.train.tensorboard)
+            self.writer = MetricsWriter(self.run_dir, self.cfg.train.tensorboard, self._wandb_run())
             atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
             remove_stale_temporaries(self.run_dir)

@@ -109,6 +109,11 @@ class TrainSection:
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped
     log_every: int = 1  # metrics.jsonl records every N steps
     tensorboard: bool = False
+    # Weights & Biases: "" = off; else the project that rank 0 logs metrics.jsonl's records into (needs
+    # the wandb extra; WANDB_MODE=offline logs without an account). See train/wandb_log.py.
+    wandb_project: str = ""
+    wandb_entity: str = ""  # "" = wandb's default (the logged-in user's)
+    wandb_run_name: str = ""  # "" = the run directory's name
     # Under torchrun: "ddp" replicates the model on every rank, "fsdp" shards weights, gradients and
     # AdamW state across the ranks (FSDP2; see train/parallel.py and `gpt2lab train --plan`).
     parallel: str = "ddp"
@@ -229,6 +234,8 @@ class TrainConfig:
         fits = t.max_minutes > 0 or not o.fit_schedule_to_time
         need(fits, "optim.fit_schedule_to_time", "false without a time limit (train.max_minutes)")
         need(t.parallel in PARALLEL, "train.parallel", f"one of {', '.join(PARALLEL)}")
+        wandb_ok = not set(t.wandb_project) & set(WANDB_FORBIDDEN)
+        need(wandb_ok, "train.wandb_project", f"a project name without any of {WANDB_FORBIDDEN}")
         if o.name == "muon" and t.parallel == "fsdp":
             raise GPT2LabError(
                 f"{source}: optim.name = 'muon' orthogonalizes whole matrices, which FSDP shards across ranks: "
@@ -267,6 +274,7 @@ class TrainConfig:
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+WANDB_FORBIDDEN = "/\\#?%:"  # the characters wandb refuses in a project's name
 PARALLEL = ("ddp", "fsdp")  # train/parallel.py, which imports torch, names the same two
 
 
