@@ -7,6 +7,7 @@ Examples:
   gpt2lab eval --model gpt2 --task perplexity --data notes.txt --json ppl.json
   torchrun --nproc_per_node=8 -m gpt2lab eval --model gpt2-xl --task hellaswag
   gpt2lab eval --model gpt2 --task core --bundle eval_bundle.zip   # DCLM CORE, as nanochat computes it
+  gpt2lab eval --model runs/x --lm-eval hellaswag,arc_easy --json r.json   # lm-evaluation-harness tasks
 
 --data is, per task: hellaswag  a JSONL file in the official schema (default: the official validation
 set, downloaded once); val-loss  a directory made by 'gpt2lab prepare' (its val split); perplexity  a
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="gpt2", help="Hub name, HF directory, or gpt2lab checkpoint/run dir (default: gpt2)"
     )
-    p.add_argument("--task", required=True, choices=TASKS, help="what to measure")
+    p.add_argument("--task", choices=TASKS, help="what to measure (or --lm-eval, or both)")
     p.add_argument("--data", default=None, metavar="PATH", help="the data to evaluate on (see above)")
     p.add_argument(
         "--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the checkpoint's, or GPT-2's)"
@@ -54,6 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--limit", type=int, default=None, metavar="N", help="score the first N items only (core: of each task)"
     )
+    g = p.add_argument_group("lm-eval (pip install 'gpt2lab[lm-eval]')")
+    g.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="lm-evaluation-harness tasks, comma-separated (hellaswag,arc_easy,lambada_openai,...), run on this "
+        "model in this process; the results go into the table and --json beside --task's",
+    )
+    g.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of task YAMLs (local tasks)")
+    g.add_argument("--num-fewshot", type=int, default=None, metavar="N", help="few-shot examples (default: the task's)")
     g = p.add_argument_group("core")
     g.add_argument(
         "--bundle",
@@ -87,6 +98,8 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise GPT2LabError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.task is None and args.lm_eval is None:
+        raise GPT2LabError("say what to measure: --task TASK, --lm-eval TASKS, or both (see 'gpt2lab eval --help')")
     if args.task in ("val-loss", "perplexity") and args.data is None:
         raise GPT2LabError(f"--task {args.task} needs --data (see 'gpt2lab eval --help')")
 
@@ -108,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
         pack_for_inference(model, 64)  # on a CPU, where packed weights are faster (gpt2lab/accel)
         started = time.perf_counter()
-        task = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity, "core": _core}[args.task]
+        tasks = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity, "core": _core}
+        task = tasks.get(args.task)
         ctx = EvalContext(
             device=device,
             rank=dist.rank,
@@ -116,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-        rows, report = task(args, model, tok, ctx)
+        rows, report = task(args, model, tok, ctx) if task else ([], {"method": LM_EVAL_METHOD})
+        if args.lm_eval:
+            lm_rows, report["lm_eval"] = _lm_eval(args, model, tok, dist.world_size)
+            rows += lm_rows
         seconds = time.perf_counter() - started
         if dist.is_main:
             report = {
-                "task": args.task,
+                "task": args.task or "lm-eval",
                 "model": _model_info(args.model, model, tok),
                 **report,
                 "run": {
@@ -176,6 +193,7 @@ def _hellaswag(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, 
 
 def _core(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     from ..eval import core
+    from ..eval.references import CORE_REFERENCES
     from ..fileio import file_sha256
 
     path = core.bundle_path(args.bundle, ctx.rank)
@@ -184,7 +202,9 @@ def _core(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]
         (t.label, f"accuracy {t.accuracy:.4f}  centred {t.centered:.4f}  ({t.items} items, {t.num_fewshot}-shot)")
         for t in result.tasks
     ]
-    rows.append(("CORE", f"{result.core:.4f} (mean of {len(result.tasks)} centred accuracies)"))
+    expected = CORE_REFERENCES.get(_hub_short_name(args.model))
+    rows.append(("CORE", f"{result.core:.4f}" + (f"  (expected {expected})" if expected and not args.limit else "")))
+    rows.append(("reference", ", ".join(f"{k} {v}" for k, v in CORE_REFERENCES.items()) + " (nanochat)"))
     report = {
         "data": {
             "bundle": str(path),
@@ -194,7 +214,7 @@ def _core(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str, Any]]
         },
         "method": core.METHOD,
         "results": result.to_dict(),
-        "references": {},
+        "references": {"core": CORE_REFERENCES},
     }
     return rows, report
 
@@ -273,6 +293,38 @@ def _perplexity(args, model, tok, ctx) -> tuple[list[tuple[str, str]], dict[str,
     return rows, report
 
 
+LM_EVAL_METHOD = "lm-evaluation-harness: each task as the harness defines it (prompt, metrics, few-shot)"
+
+
+def _lm_eval(args, model, tok, world_size: int) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """The harness's tasks on the loaded model: a row per task and metric, and the harness's report."""
+    from ..eval import lm_eval
+
+    if world_size > 1:
+        raise GPT2LabError("--lm-eval runs in one process; run it without torchrun")
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise GPT2LabError("--lm-eval needs task names, e.g. --lm-eval hellaswag,arc_easy")
+    results = lm_eval.run_tasks(
+        model,
+        tok,
+        tasks,
+        include_path=args.lm_eval_include,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    report = lm_eval.report(results)
+    rows = []
+    for task, metrics in report["results"].items():
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if isinstance(value, float) and not name.endswith("_stderr"):
+                rows.append((f"{task} {name}" + ("" if filt in ("", "none") else f" ({filt})"), f"{value:.4f}"))
+    return rows, report
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -293,7 +345,7 @@ def _model_info(source: str, model, tok) -> dict[str, Any]:
 def _print_table(args, model, rows: list[tuple[str, str]], report: dict[str, Any], seconds: float) -> None:
     run = report["run"]
     head = (
-        f"{args.task} | {args.model} ({model.num_params() / 1e6:.1f}M parameters) | {run['device']} {run['dtype']}"
+        f"{report['task']} | {args.model} ({model.num_params() / 1e6:.1f}M parameters) | {run['device']} {run['dtype']}"
         f" | {run['world_size']} process(es) | {seconds:.1f}s"
     )
     width = max(len(k) for k, _ in rows)

@@ -1,4 +1,4 @@
-"""Evaluation: HellaSwag, validation loss, perplexity and bits-per-byte; from the CLI and during training.
+"""Evaluation: HellaSwag, validation loss, perplexity, bits-per-byte and CORE; from the CLI and in training.
 
 Each takes the model, its data and an `EvalContext`, and returns an `EvalResult` with the same numbers
 on one process or many, at any batch size (common.py says how).
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 from .references import (
+    CORE_REFERENCES,
     HELLASWAG_GPT2_CHECKPOINTS,
     HELLASWAG_REFERENCES,
     VAL_LOSS_REFERENCES,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .common import EvalContext, EvalResult
 
 __all__ = [
+    "CORE_REFERENCES",
     "HELLASWAG_GPT2_CHECKPOINTS",
     "HELLASWAG_REFERENCES",
     "VAL_LOSS_REFERENCES",

@@ -49,3 +49,9 @@ WIKITEXT2_HF_GUIDE_GPT2_LARGE: dict[int, float] = {
     1024: 19.44,
     512: 16.45,
 }
+
+# DCLM CORE over nanochat's eval_bundle (22 tasks), computed by nanochat's core_eval.py: OpenAI's
+# GPT-2 1.6B (`gpt2-xl`) scores 0.256525, the "time to GPT-2" threshold of nanochat dev/LEADERBOARD.md.
+CORE_REFERENCES: dict[str, float] = {
+    "gpt2-xl": 0.256525,
+}
