@@ -375,8 +375,8 @@ def train(args: argparse.Namespace) -> int:
         fail(f"metrics.jsonl: evaluations {evals}, expected a finite val loss at steps {expected}")
     if [r["step"] for r in kind["sample"]] != expected:
         fail("metrics.jsonl: a sample is missing")
-    if not any(r["step"] == stop and r["message"].startswith("resumed from") for r in kind["event"]):
-        fail(f"metrics.jsonl: no 'resumed from' event at step {stop}")
+    if not any(r["step"] == stop and r["message"].startswith(f"resuming from step {stop} of") for r in kind["event"]):
+        fail(f"metrics.jsonl: no 'resuming from step N' event at step {stop}")
     latest = find_latest_training(run)
     if latest is None or not latest.name.endswith(f"{steps:08d}"):
         fail(f"the newest training checkpoint is {latest}, expected step {steps}")

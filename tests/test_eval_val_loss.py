@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,7 +158,15 @@ def test_cli_val_loss(cli, models, data_dir, tmp_path):
     expected = val_loss(ours, data_dir, max_tokens=320, seq_len=16).loss
     assert report["results"]["loss"] == pytest.approx(expected, rel=1e-6)
     assert report["data"]["split_tokens"] == 1000
-    assert report["references"]["val_loss"]["gpt2-124M"] == 3.2924
+    # FineWeb-Edu's reference only beside FineWeb-Edu: here it would invite a wrong comparison.
+    assert report["references"] == {} and "FineWeb-Edu" not in result.out
+    edu = tmp_path / "edu_fineweb10B"  # the same val tokens under llm.c's FineWeb-Edu shard names
+    edu.mkdir()
+    for i, shard in enumerate(sorted(Path(data_dir).glob("*_val_*.bin"))):
+        shutil.copy(shard, edu / f"edu_fineweb_val_{i:06d}.bin")
+    result = cli("eval", "--model", tmp_path / "hf", "--task", "val-loss", "--device", "cpu", *args[:-2], "--data", edu)
+    assert result.code == 0, result.err
+    assert "gpt2-124M 3.2924 (FineWeb-Edu val)" in result.out
 
     missing = cli("eval", "--model", tmp_path / "hf", "--task", "val-loss", "--data", tmp_path / "nowhere")
     assert missing.code == 1 and len(missing.err.strip().splitlines()) == 1 and "nowhere" in missing.err
