@@ -1,5 +1,5 @@
 """GGUF export without llama.cpp: the file read back with gguf-py's reader rebuilds the model (same logits),
-and says what it is (metadata, vocabulary, merges). The llama.cpp checks are in test_gguf_llama.py (slow)."""
+and says what it is (metadata, vocabulary, merges); at the end, llama.cpp itself runs it (marked slow)."""
 
 from __future__ import annotations
 
@@ -187,3 +187,104 @@ def test_cli_exports_a_checkpoint_and_refuses_bad_input(cli, trained_tok, tmp_pa
     assert r.code == 0, r.err
     assert field(gguf.GGUFReader(str(out)), "general.file_type") == int(gguf.LlamaFileType.MOSTLY_F16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m.gguf"]
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself (slow)
+# `pip install llama-cpp-python` builds llama.cpp from source where no wheel fits; these run with -m slow.
+
+# Stated bounds. f32: the largest logit difference, relative to the largest logit; llama.cpp's CPU
+# backend takes GELU from a table of f16 values (ggml-cpu, GGML_GELU_FP16), so the two agree to about
+# 1e-3 of the logits' scale rather than to float32 rounding. q8_0: top-1 agreement and the mean
+# KL(gpt2lab || llama.cpp) over every position of the held-out text.
+F32_MAX_REL = 1e-3
+Q8_TOP1 = 0.9
+Q8_MEAN_KL = 1e-2
+TRICKY = "  Tabs\tand  spaces,\n\n\nnumbers 12345 and 3.14; don't won't they'll I'm — café, naïve, 東京! x  "
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama.cpp's tests need llama-cpp-python")
+
+
+def spread_model(vocab_size: int) -> GPT:
+    """A model whose logits are far apart (weights 5x GPT-2's init), so greedy decoding has clear winners."""
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=128, block_size=256, vocab_size=vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return model
+
+
+def llama(llama_cpp, path, **kwargs):
+    # float32 keys and values: llama.cpp keeps its KV cache in f16 unless told otherwise
+    return llama_cpp.Llama(
+        str(path), n_ctx=256, n_threads=2, n_threads_batch=2, type_k=0, type_v=0, verbose=False, **kwargs
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["gpt2", "trained"])
+def test_llama_cpp_tokenizes_as_gpt2lab(llama_cpp, which, tok, trained_tok, tmp_path):
+    tokenizer = tok if which == "gpt2" else trained_tok
+    path = export_gguf(tiny_model(tokenizer.n_vocab), tmp_path / "m.gguf", tokenizer)
+    llm = llama(llama_cpp, path, vocab_only=True)
+    for text in (TRICKY, shakespeare_text()[-5000:], TEXT):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    assert llm.token_eos() == tokenizer.eot_token
+
+
+@pytest.mark.slow
+def test_llama_cpp_logits_and_greedy_tokens_match(llama_cpp, tok, tmp_path):
+    import numpy as np
+
+    from gpt2lab.generate import SamplingParams, generate
+
+    model = spread_model(tok.n_vocab)
+    ids = tok.encode(shakespeare_text()[-3000:])[:200]  # held out: the end of the text
+    expected = logits(model, ids)
+    f32 = llama(llama_cpp, export_gguf(model, tmp_path / "f32.gguf", tok, "f32"), logits_all=True)
+    f32.eval(ids)
+    got = torch.from_numpy(np.array(f32.scores[: len(ids)]))
+    diff = (got - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    print(f"f32: max |logit difference| {diff:.2e} over {len(ids)} positions, logits up to {scale:.2f}")
+    assert diff <= F32_MAX_REL * scale
+
+    # One token per step: on some CPUs (AMX) this llama.cpp crashes on q8_0 batches, whoever quantized.
+    q8 = llama(llama_cpp, export_gguf(model, tmp_path / "q8.gguf", tok, "q8_0"), logits_all=True, n_batch=1, n_ubatch=1)
+    q8.eval(ids)
+    got = torch.from_numpy(np.array(q8.scores[: len(ids)]))
+    top1 = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    p = expected.log_softmax(-1)
+    kl = (p.exp() * (p - got.log_softmax(-1))).sum(-1).mean().item()
+    print(f"q8_0: top-1 agreement {top1:.3f}, mean KL {kl:.2e} over {len(ids)} positions")
+    assert top1 >= Q8_TOP1 and kl <= Q8_MEAN_KL
+
+    prompt = ids[:32]
+    ours = generate(model, prompt, 64, sampling=SamplingParams(temperature=0)).tokens[0]
+    theirs = [t for _, t in zip(range(64), f32.generate(prompt, top_k=1, temp=0.0, reset=True))]
+    assert theirs == ours
+
+
+@pytest.mark.slow
+def test_q8_0_is_what_llama_cpps_own_quantizer_writes(llama_cpp, tok, tmp_path):
+    import ctypes
+
+    import numpy as np
+
+    model = spread_model(tok.n_vocab)
+    export_gguf(model, tmp_path / "f32.gguf", tok, "f32")
+    export_gguf(model, tmp_path / "ours.gguf", tok, "q8_0")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    theirs = tmp_path / "theirs.gguf"
+    assert (
+        llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(theirs).encode(), ctypes.byref(params))
+        == 0
+    )
+    ours = {t.name: (t.tensor_type, t.data) for t in gguf.GGUFReader(str(tmp_path / "ours.gguf")).tensors}
+    for t in gguf.GGUFReader(str(theirs)).tensors:
+        assert ours[t.name][0] == t.tensor_type and np.array_equal(ours[t.name][1], t.data), t.name
