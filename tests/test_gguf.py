@@ -4,6 +4,7 @@ and says what it is (metadata, vocabulary, merges); at the end, llama.cpp itself
 from __future__ import annotations
 
 import itertools
+import random
 
 import gguf
 import pytest
@@ -225,14 +226,28 @@ def llama(llama_cpp, path, **kwargs):
     )
 
 
+def jumbles(n: int, seed: int) -> list[str]:
+    """Texts made of the pieces where split rules differ: runs of spaces, tabs and newlines, digits,
+    contractions in both cases, punctuation, non-breaking spaces, accents and CJK, trailing whitespace."""
+    pieces = ["a", "B", "1", "23", "4567", " ", "  ", "\n", "\r\n", "\t", "'s", "'S", "'ll", "!", "?!", "é", "東"]
+    pieces += ["\u00a0", "\n\n", " \n", "x", "...", "-"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 60))) for _ in range(n)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["gpt2", "trained"])
+@pytest.mark.parametrize("which", ["gpt2", "trained", "trained on jumbles"])
 def test_llama_cpp_tokenizes_as_gpt2lab(llama_cpp, which, tok, trained_tok, tmp_path):
-    tokenizer = tok if which == "gpt2" else trained_tok
+    from gpt2lab.tokenizer_train import save_trained, train_bpe
+
+    tokenizer = {"gpt2": tok, "trained": trained_tok}.get(which)
+    if tokenizer is None:  # merges across every kind of boundary, so a wrong split shows in the tokens
+        docs = shakespeare_text()[:100_000].split("\n\n") + jumbles(20_000, seed=1)
+        tokenizer = save_trained(train_bpe(docs, 3000, progress=False), tmp_path / "tok")
     path = export_gguf(tiny_model(tokenizer.n_vocab), tmp_path / "m.gguf", tokenizer)
     llm = llama(llama_cpp, path, vocab_only=True)
-    for text in (TRICKY, shakespeare_text()[-5000:], TEXT):
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    for text in [TRICKY, shakespeare_text()[-5000:], TEXT, *jumbles(2000, seed=2)]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), repr(text)
     assert llm.token_eos() == tokenizer.eot_token
 
 
