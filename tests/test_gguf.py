@@ -78,6 +78,17 @@ def test_round_trip_with_a_trained_tokenizer(weight_type, trained_tok, tmp_path)
     assert types["blk.1.attn_norm.bias"] == types["position_embd.weight"] == "F32"
 
 
+def test_q8_0_keeps_rows_that_are_not_whole_blocks_in_f16(trained_tok, tmp_path):
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(n_layer=1, n_head=3, n_embd=48, block_size=32, vocab_size=trained_tok.n_vocab)).eval()
+    path = export_gguf(model, tmp_path / "nano.gguf", trained_tok, "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == types["blk.0.attn_qkv.weight"] == "F16"  # rows of 48 values
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 192 = 6 blocks
+    ids = trained_tok.encode(TEXT)[:32]
+    assert (logits(read_gguf(path), ids) - logits(model, ids)).abs().max().item() <= TOLERANCE["q8_0"]
+
+
 def test_metadata_says_what_the_file_is(gpt2_file, tok):
     model, path = gpt2_file
     reader = gguf.GGUFReader(str(path))
