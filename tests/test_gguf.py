@@ -59,7 +59,8 @@ def field(reader, key):
 def test_f32_round_trip_is_exact_with_gpt2s_tokenizer(gpt2_file, tok):
     model, path = gpt2_file
     back = read_gguf(path)
-    assert model.config.padded_vocab_size == 50304 and back.config.padded_vocab_size == 50257
+    # The file holds the 50,257 real rows; the model comes back with its padding (zeros), its config whole.
+    assert model.config.padded_vocab_size == 50304 and back.config == model.config
     ids = tok.encode(TEXT)
     assert torch.equal(logits(back, ids), logits(model, ids))
 

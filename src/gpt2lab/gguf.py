@@ -173,6 +173,9 @@ def _write_metadata(w: gguf_lib.GGUFWriter, config: GPTConfig, tokenizer: Tokeni
     w.add_eos_token_id(tokenizer.eot_token)
     w.add_add_bos_token(False)  # GPT-2 prepends nothing; gpt2lab's own prompts start with the text
     w.add_string("gpt2lab.tokenizer.vocab_hash", tokenizer.vocab_hash)
+    # The padding the model had (its rows are not written): read_gguf restores it, so the rebuilt output
+    # layer has the original's shape and the same kernels compute the same bits.
+    w.add_uint32("gpt2lab.pad_vocab_multiple", config.pad_vocab_multiple)
 
 
 def check_destination(out: str | os.PathLike, overwrite: bool = False) -> None:
@@ -243,13 +246,16 @@ def read_gguf(path: str | os.PathLike) -> GPT:
         raise GPT2LabError(f"cannot read {path} as GGUF: {e}") from None
     if _field(reader, "general.architecture") != ARCH:
         raise GPT2LabError(f"{path} is not a GPT-2 GGUF file (architecture {_field(reader, 'general.architecture')!r})")
+    pad = reader.get_field("gpt2lab.pad_vocab_multiple")
+    eps = float(_field(reader, f"{ARCH}.attention.layer_norm_epsilon"))
     config = GPTConfig(
         n_layer=int(_field(reader, f"{ARCH}.block_count")),
         n_head=int(_field(reader, f"{ARCH}.attention.head_count")),
         n_embd=int(_field(reader, f"{ARCH}.embedding_length")),
         block_size=int(_field(reader, f"{ARCH}.context_length")),
         vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
-        layer_norm_eps=float(_field(reader, f"{ARCH}.attention.layer_norm_epsilon")),
+        layer_norm_eps=float(f"{eps:.7g}"),  # stored as float32: back to the decimal it was (1e-5)
+        pad_vocab_multiple=1 if pad is None else int(pad.contents()),
     )
     ours = {theirs: name for name, theirs in tensor_names(config).items()}
     sd: dict[str, torch.Tensor] = {}
@@ -262,4 +268,6 @@ def read_gguf(path: str | os.PathLike) -> GPT:
     missing = sorted(set(ours.values()) - set(sd))
     if missing:
         raise GPT2LabError(f"missing tensor for {missing[0]} in {path}")
+    wte = sd["transformer.wte.weight"]  # (V, C): the padding rows, zero, come back
+    sd["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(config.padded_vocab_size - len(wte), wte.size(1))])
     return GPT.from_state_dict(config, sd).eval()
