@@ -5,7 +5,7 @@ import torch
 from eval_data import ITEMS, write_items
 from helpers import gpt2lab_twin, hf_gpt2
 
-from gpt2lab import GPT2LabError
+from gpt2lab import GPT2LabError, distributed
 from gpt2lab.eval import HELLASWAG_REFERENCES, hellaswag
 from gpt2lab.eval.common import EvalContext
 
@@ -186,7 +186,7 @@ def test_official_file_is_downloaded_once_into_the_cache(monkeypatch, items_file
         calls.append((url, name))
         return items_file
 
-    monkeypatch.setattr(hellaswag, "cached_download", fake_download)
+    monkeypatch.setattr(distributed, "cached_download", fake_download)
     items = hellaswag.load_validation()
     assert len(items) == 6
     assert calls == [(hellaswag.HELLASWAG_URL, "hellaswag_val.jsonl")]

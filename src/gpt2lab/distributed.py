@@ -13,11 +13,13 @@ import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .download import cached_download
 from .errors import GPT2LabError
 from .runtime import resolve_device
 
@@ -119,3 +121,11 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def download_once(url: str, name: str, rank: int) -> Path:
+    """`cached_download(url, name)` on rank 0 while the other ranks wait, then on them: it is fetched once
+    per job, and the others find it in the cache."""
+    path = cached_download(url, name) if rank == 0 else None
+    barrier()
+    return path if path is not None else cached_download(url, name)

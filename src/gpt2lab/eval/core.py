@@ -40,8 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..distributed import all_reduce_sum, barrier
-from ..download import cached_download
+from ..distributed import all_reduce_sum, download_once
 from ..errors import GPT2LabError
 from ..jsonl import read_jsonl
 from ..model import unwrap
@@ -218,12 +217,7 @@ def bundle_path(bundle: str | os.PathLike | None = None, rank: int = 0) -> Path:
     downloads while the other ranks wait)."""
     if bundle is not None:
         return Path(bundle).expanduser()
-    if rank == 0:
-        path = cached_download(EVAL_BUNDLE_URL, CACHE_NAME)
-    barrier()
-    if rank != 0:
-        path = cached_download(EVAL_BUNDLE_URL, CACHE_NAME)  # in the cache now: no download
-    return path
+    return download_once(EVAL_BUNDLE_URL, CACHE_NAME, rank)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -35,8 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..distributed import all_reduce_sum, barrier
-from ..download import cached_download
+from ..distributed import all_reduce_sum, download_once
 from ..errors import GPT2LabError
 from ..jsonl import read_jsonl
 from ..model import KVCache, unwrap
@@ -121,12 +120,7 @@ def validation_file(data: str | os.PathLike | None = None, rank: int = 0, world_
         if not path.is_file():
             raise GPT2LabError(f"HellaSwag file {path} not found; omit --data to download the official validation set")
         return path
-    if rank == 0:
-        path = cached_download(HELLASWAG_URL, CACHE_NAME)
-    barrier()
-    if rank != 0:
-        path = cached_download(HELLASWAG_URL, CACHE_NAME)  # in the cache now: no download
-    return path
+    return download_once(HELLASWAG_URL, CACHE_NAME, rank)
 
 
 def load_validation(
