@@ -17,6 +17,7 @@ LAYERS = {
     "foundation": (
         "gpt2lab._lazy",
         "gpt2lab._version",
+        "gpt2lab.chat",
         "gpt2lab.download",
         "gpt2lab.errors",
         "gpt2lab.fileio",
@@ -43,6 +44,7 @@ PEER_IMPORTS = {("eval", "data"), ("train", "data"), ("train", "eval")}
 # Started often and in many processes: they import no torch (docs/architecture.md).
 TORCH_FREE = (
     "gpt2lab",
+    "gpt2lab.chat",
     "gpt2lab.cli",
     "gpt2lab.config",
     "gpt2lab.data",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
+from .chat import chat_tokenizer, template_of
 from .config import GPTConfig
 from .errors import GPT2LabError
 from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_json, load_safetensors
@@ -59,8 +60,11 @@ def write_model_files(
     A trained tokenizer (one with its own directory) is copied into `tokenizer/`, so the checkpoint
     carries everything `sample`, `eval` and `convert` need; GPT-2's is recorded by name and hash.
     """
+    chat = None
     if isinstance(tokenizer, Tokenizer):
         tokenizer_info = tokenizer.info()
+        template = template_of(tokenizer)
+        chat = template.to_record() if template is not None else None
         if tokenizer.path is not None:
             copy_tokenizer_files(tokenizer, folder / TOKENIZER_SUBDIR)
     else:
@@ -72,6 +76,7 @@ def write_model_files(
         "gpt2lab_version": __version__,
         "model": config.to_dict(),
         "tokenizer": tokenizer_info,
+        **({"chat_template": chat} if chat else {}),
         **(extra or {}),
     }
     atomic_write_json(folder / META_FILE, meta)
@@ -242,10 +247,12 @@ def missing_model_path(name: str | os.PathLike) -> str | None:
 
 
 def checkpoint_tokenizer(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Tokenizer:
-    """The tokenizer a gpt2lab checkpoint was trained with (its copied files, or GPT-2's)."""
+    """The tokenizer a gpt2lab checkpoint was trained with (its copied files, or GPT-2's), with the chat
+    tokens when the checkpoint records a chat template."""
     folder = Path(folder)
     meta = read_meta(folder) if meta is None else meta
-    return tokenizer_from_record(meta.get("tokenizer"), folder / TOKENIZER_SUBDIR, f"checkpoint {folder}")
+    base = tokenizer_from_record(meta.get("tokenizer"), folder / TOKENIZER_SUBDIR, f"checkpoint {folder}")
+    return chat_tokenizer(meta.get("chat_template"), base, f"checkpoint {folder}")
 
 
 def load_model_and_tokenizer(

@@ -96,8 +96,33 @@ class Tokenizer:
         self.path = path  # the directory of a trained tokenizer; None for GPT-2's
         if eot_text not in encoding._special_tokens:
             raise ValueError(f"tokenizer {encoding.name!r} has no {eot_text!r} special token")
+        self.eot_text = eot_text
         self.eot_token = encoding._special_tokens[eot_text]
         self.special_tokens = dict(encoding._special_tokens)
+        self.base: Tokenizer = self  # the text tokenizer this one extends (itself, unless with_special_tokens)
+
+    def with_special_tokens(self, extra: dict[str, int]) -> Tokenizer:
+        """This tokenizer plus the special tokens `extra` (text -> id, ids from `n_vocab` up, in order).
+
+        Text encodes exactly as before: `encode` still reads special-token text as ordinary text unless
+        allowed. The new tokenizer keeps the base's `vocab_hash` and `info()`, because data and checkpoints
+        identify the text tokenizer by them; whoever adds tokens records them separately (see chat.py).
+        """
+        want = list(range(self.n_vocab, self.n_vocab + len(extra)))
+        if sorted(extra.values()) != want or set(extra) & set(self.special_tokens):
+            raise ValueError(f"new special tokens must take the ids {want[:1]}.. in order and new names: {extra}")
+        enc = self.encoding
+        encoding = tiktoken.Encoding(
+            name=enc.name,
+            pat_str=enc._pat_str,
+            mergeable_ranks=enc._mergeable_ranks,
+            special_tokens={**self.special_tokens, **extra},
+            explicit_n_vocab=self.n_vocab + len(extra),
+        )
+        tok = Tokenizer(encoding, eot_text=self.eot_text, path=self.path)
+        tok.base = self.base
+        tok.__dict__["vocab_hash"] = self.base.vocab_hash  # fills the cached_property
+        return tok
 
     @property
     def n_vocab(self) -> int:
@@ -120,8 +145,9 @@ class Tokenizer:
         return h.hexdigest()
 
     def info(self) -> dict[str, object]:
-        """What manifests and checkpoints record to identify this tokenizer."""
-        return {"name": self.name, "vocab_hash": self.vocab_hash, "n_vocab": self.n_vocab}
+        """What manifests and checkpoints record to identify this tokenizer (its base text tokenizer)."""
+        base = self.base
+        return {"name": base.name, "vocab_hash": base.vocab_hash, "n_vocab": base.n_vocab}
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         allowed = set(allowed_special) if allowed_special != "all" else "all"

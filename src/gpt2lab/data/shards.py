@@ -212,11 +212,14 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def data_tokenizer(data_dir: str | os.PathLike) -> Any:
     """The tokenizer a prepared directory was made with: the trained tokenizer `prepare --tokenizer`
-    copied into `DATA/tokenizer/`, or GPT-2's (checked against the manifest's vocab hash)."""
+    copied into `DATA/tokenizer/`, or GPT-2's (checked against the manifest's vocab hash), with the chat
+    tokens when the manifest records a chat template."""
+    from ..chat import chat_tokenizer
     from ..tokenizer import tokenizer_from_record
 
     manifest = read_manifest(data_dir)
-    return tokenizer_from_record(manifest.get("tokenizer"), Path(data_dir) / TOKENIZER_SUBDIR, f"{data_dir}")
+    base = tokenizer_from_record(manifest.get("tokenizer"), Path(data_dir) / TOKENIZER_SUBDIR, f"{data_dir}")
+    return chat_tokenizer(manifest.get("chat_template"), base, f"{data_dir}")
 
 
 def split_shard_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
