@@ -28,61 +28,73 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 # The header stores the count as an int32.
 MAX_SHARD_TOKENS = 2**31 - 1
+# A loss mask file (chat data) beside each shard X.bin, named X.mask: the same 1024-byte header with
+# MASK_MAGIC, then N uint8 values, 1 where token i is a target the loss learns (predicting it from < i).
+MASK_MAGIC = 20241207
+MASK_DTYPE = np.dtype("u1")
+MASK_SUFFIX = ".mask"
+# kind -> (magic, bytes per value, what the file is called in errors)
+_KINDS = {"shard": (MAGIC, TOKEN_DTYPE.itemsize, "token shard"), "mask": (MASK_MAGIC, 1, "loss mask file")}
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gpt2lab-shards"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
 
 
-def make_header(num_tokens: int) -> bytes:
-    """The 1024-byte llm.c header for a shard of `num_tokens` tokens."""
+def make_header(num_tokens: int, magic: int = MAGIC) -> bytes:
+    """The 1024-byte llm.c header for a shard of `num_tokens` tokens (or a mask file, magic=MASK_MAGIC)."""
     if not 0 <= num_tokens <= MAX_SHARD_TOKENS:
         raise ValueError(f"a shard holds 0 to {MAX_SHARD_TOKENS} tokens, not {num_tokens}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = MAGIC, VERSION, num_tokens
+    header[0], header[1], header[2] = magic, VERSION, num_tokens
     return header.tobytes()
 
 
 REBUILD_HINT = "prepare the data again"
 
 
-def parse_header(header: bytes, path: str | os.PathLike, file_size: int, hint: str = REBUILD_HINT) -> int:
-    """Number of tokens in the shard at `path`, after checking its header against the file size.
+def parse_header(
+    header: bytes, path: str | os.PathLike, file_size: int, hint: str = REBUILD_HINT, kind: str = "shard"
+) -> int:
+    """Number of values in the file at `path`, after checking its header against the file size.
 
-    Raises GPT2LabError naming the file, ending with `hint` (what the user should do about it).
+    `kind` is "shard" (uint16 tokens, MAGIC) or "mask" (uint8 loss mask, MASK_MAGIC). Raises
+    GPT2LabError naming the file, ending with `hint` (what the user should do about it).
     """
+    magic_want, itemsize, what = _KINDS[kind]
     if len(header) < HEADER_BYTES:
         raise GPT2LabError(
-            f"{path}: truncated shard ({file_size} bytes, shorter than the {HEADER_BYTES}-byte header); {hint}"
+            f"{path}: truncated {kind} ({file_size} bytes, shorter than the {HEADER_BYTES}-byte header); {hint}"
         )
     magic, version, num_tokens = np.frombuffer(header, dtype="<i4", count=3).tolist()
-    if magic != MAGIC:
+    if magic != magic_want:
+        where = "'gpt2lab prepare' or llm.c" if kind == "shard" else "'gpt2lab prepare' from chat data"
         raise GPT2LabError(
-            f"{path}: not a token shard (magic number {magic}, expected {MAGIC}); "
-            "point at a directory made by 'gpt2lab prepare' or llm.c"
+            f"{path}: not a {what} (magic number {magic}, expected {magic_want}); point at a directory made by {where}"
         )
     if version != VERSION:
-        hint = " (uint32 tokens, llm.c's Llama 3 format)" if version == 2 else ""
-        raise GPT2LabError(f"{path}: shard version {version}{hint} is not supported; gpt2lab reads version {VERSION}")
-    expected = HEADER_BYTES + num_tokens * TOKEN_DTYPE.itemsize
+        note = " (uint32 tokens, llm.c's Llama 3 format)" if version == 2 and kind == "shard" else ""
+        raise GPT2LabError(f"{path}: {kind} version {version}{note} is not supported; gpt2lab reads version {VERSION}")
+    expected = HEADER_BYTES + num_tokens * itemsize
     if num_tokens < 0 or file_size != expected:
         state = "truncated" if file_size < expected else "has trailing bytes"
+        unit = "tokens" if kind == "shard" else "mask values"
         raise GPT2LabError(
-            f"{path}: {state}: the header says {num_tokens} tokens ({expected} bytes) but the file has "
+            f"{path}: {state}: the header says {num_tokens} {unit} ({expected} bytes) but the file has "
             f"{file_size} bytes; {hint}"
         )
     return num_tokens
 
 
-def read_header(path: str | os.PathLike, hint: str = REBUILD_HINT) -> int:
-    """Validate the shard at `path` (magic, version, size) and return its token count."""
+def read_header(path: str | os.PathLike, hint: str = REBUILD_HINT, kind: str = "shard") -> int:
+    """Validate the shard (or, with kind="mask", the mask file) at `path` and return its length."""
     try:
         with open(path, "rb") as f:
             header = f.read(HEADER_BYTES)
             size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise GPT2LabError(f"cannot read shard {path}: {e.strerror or e}") from None
-    return parse_header(header, path, size, hint)
+        raise GPT2LabError(f"cannot read {kind} {path}: {e.strerror or e}") from None
+    return parse_header(header, path, size, hint, kind)
 
 
 def open_shard(path: str | os.PathLike) -> np.ndarray:
@@ -96,6 +108,19 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
 def read_shard(path: str | os.PathLike) -> np.ndarray:
     """The tokens of a validated shard, copied into memory: uint16, shape (N,)."""
     return np.array(open_shard(path))
+
+
+def mask_name(shard_file: str) -> str:
+    """The mask file's name beside shard `shard_file`: X.bin -> X.mask."""
+    return str(Path(shard_file).with_suffix(MASK_SUFFIX))
+
+
+def open_mask(path: str | os.PathLike, hint: str = REBUILD_HINT) -> np.ndarray:
+    """The loss mask of a validated mask file as a read-only uint8 memmap, shape (N,), values 0 or 1."""
+    n = read_header(path, hint, kind="mask")
+    if n == 0:
+        return np.zeros(0, dtype=MASK_DTYPE)
+    return np.memmap(path, dtype=MASK_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
 @dataclass(frozen=True)
@@ -119,27 +144,33 @@ class ShardWriter:
     manager: leaving it with an exception discards the partial file.
     """
 
+    magic, dtype = MAGIC, TOKEN_DTYPE
+
     def __init__(self, path: str | os.PathLike, split: str) -> None:
         self.path = Path(path)
         self.split = split
         self.tokens = 0
         self._ctx = atomic_open(self.path, "wb")
         self._file: BinaryIO = self._ctx.__enter__()
-        self._file.write(make_header(0))
+        self._file.write(make_header(0, self.magic))
 
     def write(self, tokens: np.ndarray) -> None:
         """Append `tokens` (shape (n,), any integer dtype with values < 65536)."""
         if self.tokens + len(tokens) > MAX_SHARD_TOKENS:
             raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens")
-        self._file.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).data)
+        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         self.tokens += len(tokens)
+
+    def _finish(self) -> str:
+        """Write the final header, fsync and rename into place; the file's sha256."""
+        self._file.seek(0)
+        self._file.write(make_header(self.tokens, self.magic))
+        self._ctx.__exit__(None, None, None)
+        return file_sha256(self.path)
 
     def close(self) -> ShardInfo:
         """Finish the header, fsync, rename into place; returns the shard's manifest entry."""
-        self._file.seek(0)
-        self._file.write(make_header(self.tokens))
-        self._ctx.__exit__(None, None, None)
-        return ShardInfo(self.path.name, self.split, self.tokens, file_sha256(self.path))
+        return ShardInfo(self.path.name, self.split, self.tokens, self._finish())
 
     def discard(self) -> None:
         """Abandon the shard: the temp file is removed and nothing appears under `path`."""
@@ -157,10 +188,39 @@ class _Discarded(Exception):
     """Signals atomic_open to throw its temp file away."""
 
 
+class MaskWriter(ShardWriter):
+    """Stream a loss mask (values 0/1) into a new mask file, atomically as ShardWriter does."""
+
+    magic, dtype = MASK_MAGIC, MASK_DTYPE
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path, split="")
+
+    def write(self, tokens: np.ndarray) -> None:
+        """Append mask values (shape (n,), each 0 or 1)."""
+        if len(tokens) and not 0 <= int(np.min(tokens)) <= int(np.max(tokens)) <= 1:
+            raise ValueError("a loss mask holds only 0 and 1")
+        super().write(tokens)
+
+    def close(self) -> tuple[str, str]:  # type: ignore[override]
+        """Finish the file; returns (its name, its sha256) for the shard's manifest entry."""
+        return self.path.name, self._finish()
+
+
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, split: str = "train") -> ShardInfo:
     """Write `tokens` (shape (N,)) as one shard at `path`, atomically; returns its manifest entry."""
     with ShardWriter(path, split) as writer:
         writer.write(tokens)
+        return writer.close()
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray | Sequence[int]) -> tuple[str, str]:
+    """Write a loss mask (shape (N,), values 0 or 1) as one mask file at `path`, atomically.
+
+    Returns (file name, sha256): the shard entry's "mask" and "mask_sha256".
+    """
+    with MaskWriter(path) as writer:
+        writer.write(np.asarray(mask))
         return writer.close()
 
 
@@ -245,23 +305,26 @@ def split_shard_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
 class TokenSequence:
     """Shards read as one flat token sequence without copying: `len()`, slicing, `read(start, n)`.
 
-    `seq[a:b]` returns a new uint16 array (shape (b - a,)) that may span shard boundaries. Steps other
-    than 1 are not supported.
+    `seq[a:b]` returns a new array of `dtype` (uint16 tokens; uint8 for loss masks), shape (b - a,),
+    that may span shard boundaries. Steps other than 1 are not supported.
     """
 
-    def __init__(self, shards: Sequence[np.ndarray], names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, shards: Sequence[np.ndarray], names: Sequence[str] | None = None, dtype: np.dtype | str = TOKEN_DTYPE
+    ) -> None:
         self.shards = list(shards)
         self.names = list(names) if names is not None else [f"shard {i}" for i in range(len(self.shards))]
         self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.shards], dtype=np.int64)])
+        self.dtype = np.dtype(dtype)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def read(self, start: int, n: int) -> np.ndarray:
-        """Tokens [start, start + n), uint16, shape (n,)."""
+        """Values [start, start + n), of `self.dtype`, shape (n,)."""
         if start < 0 or n < 0 or start + n > len(self):
             raise IndexError(f"tokens [{start}, {start + n}) out of range for a sequence of {len(self)}")
-        out = np.empty(n, dtype=TOKEN_DTYPE)
+        out = np.empty(n, dtype=self.dtype)
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         done = 0
         while done < n:
@@ -282,7 +345,7 @@ class TokenSequence:
 
     def permuted(self, order: Sequence[int]) -> TokenSequence:
         """The same shards concatenated in `order` (used to shuffle shard order per epoch)."""
-        return TokenSequence([self.shards[i] for i in order], [self.names[i] for i in order])
+        return TokenSequence([self.shards[i] for i in order], [self.names[i] for i in order], self.dtype)
 
 
 def open_split_tokens(data_dir: str | os.PathLike, split: str, tokenizer: Any = None) -> TokenSequence:
@@ -310,3 +373,40 @@ def open_split_tokens(data_dir: str | os.PathLike, split: str, tokenizer: Any = 
             )
         shards.append(tokens)
     return TokenSequence(shards, [p.name for p in paths])
+
+
+def no_masks_error(data_dir: str | os.PathLike) -> GPT2LabError:
+    return GPT2LabError(
+        f"{data_dir} has no loss masks: it was not prepared from chat data "
+        "(prepare it from records with a 'messages' field)"
+    )
+
+
+def open_split_masks(data_dir: str | os.PathLike, split: str) -> TokenSequence:
+    """The loss masks of `split` in a chat data directory, one uint8 `TokenSequence` (0/1 values)
+    aligned with `open_split_tokens(data_dir, split)`: value i says whether token i is a target.
+
+    Raises GPT2LabError for data that was not prepared from chat data, and for a mask file that is
+    missing, damaged, or not as long as its shard.
+    """
+    root = Path(data_dir)
+    paths = split_shard_paths(root, split)
+    if not (root / MANIFEST_NAME).exists():
+        raise no_masks_error(root)
+    manifest = read_manifest(root)
+    entries = [s for s in manifest["shards"] if s["split"] == split]
+    if not manifest.get("chat_template") or any("mask" not in s for s in entries):
+        raise no_masks_error(root)
+    masks = []
+    for path, entry in zip(paths, entries, strict=True):
+        mask_path = root / entry["mask"]
+        if not mask_path.is_file():
+            raise GPT2LabError(f"{mask_path} is listed in {root / MANIFEST_NAME} but missing; {REBUILD_HINT}")
+        mask = open_mask(mask_path)
+        if len(mask) != int(entry["tokens"]):
+            raise GPT2LabError(
+                f"{mask_path} holds {len(mask)} mask values but its shard {path.name} has {entry['tokens']} "
+                f"tokens; {REBUILD_HINT}"
+            )
+        masks.append(mask)
+    return TokenSequence(masks, [s["mask"] for s in entries], MASK_DTYPE)
