@@ -23,7 +23,61 @@ STATE_VERSION = 1
 BLOCK_WINDOWS = 1 << 16
 
 
-class ShardLoader:
+class LoaderPosition:
+    """The saved position of a loader whose epochs are a pure function of (seed, epoch): the epoch and
+    the number of windows (rows) consumed in it over all ranks, plus what must match on restore
+    (`_identity()`: split, seq_len, seed, shuffle, shard names and sizes, ...). batch_size and
+    world_size are recorded for reference: restoring with other values continues from the same global
+    position."""
+
+    epoch: int
+    cursor: int
+    batch_size: int
+    world_size: int
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _start_epoch(self) -> None:
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def reset(self) -> None:
+        """Back to the first batch of epoch 0 (e.g. to evaluate on the same val batches every time)."""
+        self.epoch, self.cursor = 0, 0
+        self._start_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position, JSON-serializable, identical on every rank."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            **self._identity(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (from `state_dict()`); raises GPT2LabError if it belongs to other data."""
+        if state.get("version") != STATE_VERSION:
+            raise GPT2LabError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        check_same_identity(state, self._identity())
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._start_epoch()
+
+
+class ShardLoader(LoaderPosition):
     """Batches of (x, y), each int64 of shape (batch_size, seq_len), for one rank of `world_size`.
 
     >>> loader = ShardLoader("data/shakespeare", "train", batch_size=8, seq_len=256, seed=1, shuffle=True)
@@ -49,13 +103,7 @@ class ShardLoader:
         tokenizer: Any = None,
         block_windows: int = BLOCK_WINDOWS,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
-            if value < 1:
-                raise GPT2LabError(f"{name} must be at least 1, got {value}")
-        if not 0 <= rank < world_size:
-            raise GPT2LabError(f"rank must be in [0, {world_size}), got {rank}")
-        if seed < 0:
-            raise GPT2LabError(f"seed must be >= 0, got {seed}")
+        check_geometry(batch_size, seq_len, rank, world_size, seed)
         if block_windows < 1:
             raise GPT2LabError(f"block_windows must be at least 1, got {block_windows}")
         self.data_dir, self.split = data_dir, split
@@ -74,10 +122,6 @@ class ShardLoader:
         self.epoch = 0
         self.cursor = 0  # windows of this epoch already handed out, over all ranks
         self._start_epoch()
-
-    @property
-    def windows_per_step(self) -> int:
-        return self.batch_size * self.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -137,15 +181,6 @@ class ShardLoader:
         y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
         return x, y
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def reset(self) -> None:
-        """Back to the first batch of epoch 0 (e.g. to evaluate on the same val batches every time)."""
-        self.epoch, self.cursor = 0, 0
-        self._start_epoch()
-
     def _identity(self) -> dict[str, Any]:
         return {
             "split": self.split,
@@ -156,36 +191,28 @@ class ShardLoader:
             "shards": [[name, len(s)] for name, s in zip(self.tokens.names, self.tokens.shards)],
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """The exact position, JSON-serializable, identical on every rank.
 
-        Holds the epoch and the number of windows consumed in it, plus what must match on restore
-        (split, seq_len, seed, shuffle, shard names and sizes). batch_size and world_size are recorded
-        for reference: restoring with other values continues from the same global position.
-        """
-        return {
-            "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            **self._identity(),
-        }
+def check_geometry(batch_size: int, seq_len: int, rank: int, world_size: int, seed: int) -> None:
+    """GPT2LabError unless the loader's arguments are in range."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+        if value < 1:
+            raise GPT2LabError(f"{name} must be at least 1, got {value}")
+    if not 0 <= rank < world_size:
+        raise GPT2LabError(f"rank must be in [0, {world_size}), got {rank}")
+    if seed < 0:
+        raise GPT2LabError(f"seed must be >= 0, got {seed}")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state` (from `state_dict()`); raises GPT2LabError if it belongs to other data."""
-        if state.get("version") != STATE_VERSION:
-            raise GPT2LabError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        mine = self._identity()
-        for key, value in mine.items():
-            theirs = state.get(key)
-            if key == "shards":
-                theirs = [list(s) for s in theirs or []]
-            if theirs != value:
-                saved, here = ("other shards", "these") if key == "shards" else (f"{key}={theirs!r}", f"{value!r}")
-                raise GPT2LabError(
-                    f"the saved data loader position is for {saved}, but this loader has {here}; "
-                    "resume with the same data and settings"
-                )
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._start_epoch()
+
+def check_same_identity(state: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Raise GPT2LabError unless a saved loader `state` holds the values of `mine` (what a loader's
+    position is only valid with: split, seq_len, seed, shard names and sizes, ...)."""
+    for key, value in mine.items():
+        theirs = state.get(key)
+        if key == "shards":
+            theirs = [list(s) for s in theirs or []]
+        if theirs != value:
+            saved, here = ("other shards", "these") if key == "shards" else (f"{key}={theirs!r}", f"{value!r}")
+            raise GPT2LabError(
+                f"the saved data loader position is for {saved}, but this loader has {here}; "
+                "resume with the same data and settings"
+            )
