@@ -8,6 +8,11 @@ SOURCE is one of:
   hf:NAME                     a Hugging Face dataset, streamed (needs: pip install 'gpt2lab[data]')
   a preset                    tinyshakespeare, fineweb-edu-10B, openwebtext
 
+Chat data: JSONL / Parquet / hf: records with a "messages" list of {"role", "content"} (OpenAI's format,
+SmolTalk's) are conversations (found by the field, or --format chat). Each is rendered with the chat
+template into tokens plus a loss mask file beside each shard (1 on the assistant's replies); records
+without an assistant reply, with an unknown role or no messages are skipped and counted.
+
 Every document is preceded by <|endoftext|>. The first --val-tokens tokens are the val split, the rest
 train. Re-running the same command after an interruption finishes the job, skipping finished shards;
 a Hugging Face dataset resumes from its recorded stream position (at most one source shard is read
@@ -20,6 +25,7 @@ Examples:
   gpt2lab prepare ~/src/cpython --ext py,c,h --out data/cpython
   gpt2lab prepare fineweb-edu-10B --out data/edu_fineweb10B
   gpt2lab prepare hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --out data/edu_fineweb10B
+  gpt2lab prepare hf:HuggingFaceTB/smol-smoltalk --out data/smoltalk
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.conversations import FORMATS
 from ..data.prepare import DEFAULT_SHARD_TOKENS, PrepareOptions, default_workers, prepare
 from ..data.sources import CORPUS_PRESETS
 from ..data.text import unescape
@@ -48,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--split-on",
         metavar="SEP",
         help=r"split text files into documents at SEP, e.g. '\n\n' (default: one file = one document)",
+    )
+    p.add_argument(
+        "--format",
+        dest="data_format",
+        choices=FORMATS,
+        default="auto",
+        help="text documents, or chat conversations ('messages' records); auto: chat when the records have "
+        "a 'messages' field and no --text-field is given (default: auto)",
     )
     add_ext_argument(p)
     p.add_argument("--hf-config", metavar="NAME", help="Hugging Face dataset configuration, e.g. sample-10BT")
@@ -93,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tokenizer=args.tokenizer,
         ext=args.ext,
+        data_format=args.data_format,
     )
     result = prepare(options)
     m = result.manifest
@@ -104,10 +120,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result.out} is already prepared ({split_line}); nothing to do")
         return 0
     rate = result.tokenized / result.seconds if result.seconds > 0 else 0.0
+    what = "chat conversation(s)" if m.get("chat_template") else "document(s)"
     print(
-        f"prepared {m['total_tokens']:,} tokens from {m['documents']:,} document(s) into {result.out}: {split_line} "
+        f"prepared {m['total_tokens']:,} tokens from {m['documents']:,} {what} into {result.out}: {split_line} "
         f"[{result.seconds:.1f}s, {rate:,.0f} tokens/s]"
     )
+    if m.get("chat_template"):
+        print(f"loss on {m['learned_tokens']:,} assistant token(s) (a mask file beside each shard)")
+        if m["skipped_conversations"]:
+            examples = "; ".join(m["example_skipped_conversations"])
+            print(f"note: skipped {m['skipped_conversations']:,} bad record(s), first: {examples}", file=sys.stderr)
     if result.resumed_chunks:
         print(f"resumed an interrupted run: {result.resumed_chunks} shard(s) were already complete")
     if m["replaced_bytes"]:

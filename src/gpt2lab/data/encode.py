@@ -3,6 +3,7 @@
 Pieces (see sources.py) are grouped into *tasks* of about `task_chars` characters. The grouping depends
 only on the piece stream, so task k is the same text in every run: `gpt2lab prepare` records task
 numbers to resume from, and 1 or N workers produce the same tokens. Results come back in task order.
+Chat data (conversations.py) comes back as tokens and a loss mask, rendered by the chat template.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..chat import ChatTemplate
+from .conversations import render_pieces
 from .sources import Piece
 
 
@@ -85,6 +88,7 @@ def make_tasks(
 
 _worker_encoding: Any = None
 _worker_eot = 0
+_worker_template: ChatTemplate | None = None
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -95,16 +99,23 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(encoding: Any, eot: int) -> None:
-    global _worker_encoding, _worker_eot
-    _worker_encoding, _worker_eot = encoding, eot
+def _init_worker(encoding: Any, eot: int, template: ChatTemplate | None = None) -> None:
+    global _worker_encoding, _worker_eot, _worker_template
+    _worker_encoding, _worker_eot, _worker_template = encoding, eot, template
     # Ctrl-C goes to the whole process group; the parent alone handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
 
-def _encode_task(pieces: list[tuple[str, bool]]) -> np.ndarray:
+def _encode_task(pieces: list[tuple[str, bool]]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """A task's tokens (text), or its tokens and loss mask (chat)."""
+    if _worker_template is not None:
+        return render_pieces(_worker_encoding, _worker_template, pieces)
     return encode_pieces(_worker_encoding, _worker_eot, pieces)
+
+
+def _with_mask(result: np.ndarray | tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    return result if isinstance(result, tuple) else (result, None)
 
 
 def tokenize_tasks(
@@ -114,9 +125,12 @@ def tokenize_tasks(
     workers: int,
     first_task: int = 0,
     skipped: Callable[[Task], None] = lambda task: None,
-) -> Iterator[tuple[Task, np.ndarray]]:
-    """(task, tokens) in task order, for tasks from `first_task` on; earlier ones go to `skipped(task)`
-    untokenized (a resumed run reads them only to reach its starting point).
+    template: ChatTemplate | None = None,
+) -> Iterator[tuple[Task, np.ndarray, np.ndarray | None]]:
+    """(task, tokens, mask) in task order, for tasks from `first_task` on; earlier ones go to
+    `skipped(task)` untokenized (a resumed run reads them only to reach its starting point). With a chat
+    `template` the pieces are conversations and `mask` is their loss mask (uint8, shape as tokens);
+    otherwise it is None.
 
     workers == 1 tokenizes in this process. With more, at most 2 * workers + 2 tasks are in flight, so
     memory stays bounded (Pool.imap would read the whole corpus into its queue). Close the generator to
@@ -125,19 +139,22 @@ def tokenize_tasks(
     todo = _starting_at(tasks, first_task, skipped)
     if workers == 1:
         for task in todo:
-            yield task, encode_pieces(encoding, eot, task.pieces)
+            if template is not None:
+                yield task, *render_pieces(encoding, template, task.pieces)
+            else:
+                yield task, encode_pieces(encoding, eot, task.pieces), None
         return
-    pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(encoding, eot))
+    pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(encoding, eot, template))
     try:
         in_flight: deque = deque()
         for task in todo:
             in_flight.append((task, pool.apply_async(_encode_task, (task.pieces,))))
             if len(in_flight) >= 2 * workers + 2:
                 done, result = in_flight.popleft()
-                yield done, result.get()
+                yield done, *_with_mask(result.get())
         while in_flight:
             done, result = in_flight.popleft()
-            yield done, result.get()
+            yield done, *_with_mask(result.get())
         pool.close()
     finally:
         pool.terminate()

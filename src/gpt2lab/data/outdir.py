@@ -11,8 +11,10 @@ record is written atomically, so after a kill at any instant the record lists on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,11 @@ COPY_BLOCK = 1 << 22  # tokens copied at a time when the pending chunk is split
 def shard_name(prefix: str, split: str, index: int) -> str:
     """llm.c's naming: edu_fineweb_val_000000.bin, edu_fineweb_train_000001.bin, ..."""
     return f"{prefix}_{split}_{index:06d}.bin"
+
+
+def files_of(out: Path, shard: dict[str, Any]) -> list[Path]:
+    """A shard entry's files in `out`: the shard and, for chat data, its mask file."""
+    return [out / shard["file"], *([out / shard["mask"]] if shard.get("mask") else [])]
 
 
 def chunk_split(index: int, shard_tokens: int, val_tokens: int | None) -> str:
@@ -75,25 +82,40 @@ class Resume:
 
 class ChunkWriter:
     """Cuts the token stream into chunks of `shard_tokens` at fixed stream positions, writes each as a
-    shard, and records it in the progress file with where a re-run must start tokenizing."""
+    shard (and, for chat data, its loss mask beside it), and records it in the progress file with where
+    a re-run must start tokenizing."""
 
-    def __init__(self, out: Path, prefix: str, shard_tokens: int, val_tokens: int | None, progress: dict) -> None:
+    def __init__(
+        self, out: Path, prefix: str, shard_tokens: int, val_tokens: int | None, progress: dict, chat: bool = False
+    ) -> None:
         self.out, self.prefix, self.size, self.val_tokens = out, prefix, shard_tokens, val_tokens
         self.progress = progress
         self.index = len(progress["chunks"])
         self.pos = self.index * shard_tokens  # stream position of the next token to write
         self.writer: fmt.ShardWriter | None = None
+        self.chat = chat
+        self.mask_writer: fmt.MaskWriter | None = None
+        self.learned = 0  # mask values that are 1 in the chunk being written
 
-    def feed(self, tokens: np.ndarray, task: Task, task_start: int, documents: int) -> None:
-        """Append `task`'s tokens (uint16, shape (n,)), which start at stream position `task_start`, after
-        `documents` documents."""
+    def feed(
+        self, tokens: np.ndarray, task: Task, task_start: int, documents: int, mask: np.ndarray | None = None
+    ) -> None:
+        """Append `task`'s tokens (uint16, shape (n,)) and, for chat data, their loss mask (uint8, shape
+        (n,)); they start at stream position `task_start`, after `documents` documents."""
         off = self.pos - task_start  # > 0 only for the first task after a resume
         while off < len(tokens):
             if self.writer is None:
                 split = chunk_split(self.index, self.size, self.val_tokens)
-                self.writer = fmt.ShardWriter(self.out / shard_name(self.prefix, split, self.index), split)
+                path = self.out / shard_name(self.prefix, split, self.index)
+                self.writer = fmt.ShardWriter(path, split)
+                if self.chat:
+                    self.mask_writer, self.learned = fmt.MaskWriter(path.with_suffix(fmt.MASK_SUFFIX)), 0
             take = min(self.size - self.writer.tokens, len(tokens) - off)
             self.writer.write(tokens[off : off + take])
+            if self.mask_writer is not None:
+                assert mask is not None
+                self.mask_writer.write(mask[off : off + take])
+                self.learned += int(np.count_nonzero(mask[off : off + take]))
             off += take
             self.pos += take
             if self.writer.tokens == self.size:
@@ -109,6 +131,10 @@ class ChunkWriter:
         assert self.writer is not None
         info = self.writer.close()
         self.writer = None
+        if self.mask_writer is not None:
+            name, sha = self.mask_writer.close()
+            self.mask_writer = None
+            info = dataclasses.replace(info, mask=name, mask_sha256=sha, learned_tokens=self.learned)
         self.progress["chunks"].append({"index": self.index, "shard": info.to_json(), **resume.to_json()})
         self.index += 1
 
@@ -125,25 +151,49 @@ class ChunkWriter:
         if self.writer is not None:
             self.writer.discard()
             self.writer = None
+        if self.mask_writer is not None:
+            self.mask_writer.discard()
+            self.mask_writer = None
 
 
-def split_shard(src: Path, n_first: int, first: tuple[Path, str], rest: tuple[Path, str]) -> list[fmt.ShardInfo]:
+def split_shard(
+    src: Path, n_first: int, first: tuple[Path, str], rest: tuple[Path, str], mask: bool = False
+) -> list[fmt.ShardInfo]:
     """Copy shard `src` into two shards, (path, split) `first` with its first `n_first` tokens and `rest`
-    with the others; an empty part is not written. Reads a block at a time: memory stays small."""
+    with the others; an empty part is not written. With `mask`, the mask file beside `src` is split the
+    same way. Reads a block at a time: memory stays small."""
     total = fmt.read_header(src)
+    src_mask = src.with_suffix(fmt.MASK_SUFFIX)
+    if mask and fmt.read_header(src_mask, kind="mask") != total:
+        raise GPT2LabError(f"{src_mask} does not match {src.name}; {fmt.REBUILD_HINT}")
     infos = []
-    with open(src, "rb") as f:
+    with open(src, "rb") as f, open(src_mask if mask else os.devnull, "rb") as m:
         f.seek(fmt.HEADER_BYTES)
+        m.seek(fmt.HEADER_BYTES if mask else 0)
         for (path, split), n in ((first, n_first), (rest, total - n_first)):
             if n == 0:
                 continue
             with fmt.ShardWriter(path, split) as writer:
-                while writer.tokens < n:
-                    block = np.fromfile(f, dtype=fmt.TOKEN_DTYPE, count=min(n - writer.tokens, COPY_BLOCK))
-                    assert len(block), f"{src} ended early"  # read_header checked the size
-                    writer.write(block)
-                infos.append(writer.close())
+                _copy(f, writer, n)
+                info = writer.close()
+            if mask:
+                with fmt.MaskWriter(path.with_suffix(fmt.MASK_SUFFIX)) as mask_writer:
+                    learned = _copy(m, mask_writer, n)
+                    name, sha = mask_writer.close()
+                info = dataclasses.replace(info, mask=name, mask_sha256=sha, learned_tokens=learned)
+            infos.append(info)
     return infos
+
+
+def _copy(f: Any, writer: fmt.ShardWriter, n: int) -> int:
+    """Copy `n` values from file `f` into `writer`, a block at a time; their sum (learned tokens, for a mask)."""
+    total = 0
+    while writer.tokens < n:
+        block = np.fromfile(f, dtype=writer.dtype, count=min(n - writer.tokens, COPY_BLOCK))
+        assert len(block), f"{f.name} ended early"  # read_header checked the size
+        writer.write(block)
+        total += int(block.sum(dtype=np.int64))
+    return total
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -163,9 +213,8 @@ def remove_files(paths: list[Path]) -> None:
 
 def _listed_files(record: dict[str, Any]) -> list[str]:
     """Shard file names a manifest or progress record lists."""
-    names = [s["file"] for s in record.get("shards", [])]
-    names += [c["shard"]["file"] for c in record.get("chunks", [])]
-    return names
+    entries = [*record.get("shards", []), *(c["shard"] for c in record.get("chunks", []))]
+    return [name for s in entries for name in (s["file"], s.get("mask")) if name]
 
 
 def _difference(record: dict[str, Any], identity: dict[str, Any]) -> str:
@@ -222,8 +271,11 @@ def valid_prefix(out: Path, chunks: list[dict[str, Any]]) -> list[dict[str, Any]
     """The recorded chunks whose files are intact (header and size), up to the first damaged one."""
     good = []
     for chunk in chunks:
+        shard = chunk["shard"]
         try:
-            if fmt.read_header(out / chunk["shard"]["file"]) != chunk["shard"]["tokens"]:
+            if fmt.read_header(out / shard["file"]) != shard["tokens"]:
+                break
+            if shard.get("mask") and fmt.read_header(out / shard["mask"], kind="mask") != shard["tokens"]:
                 break
         except GPT2LabError:
             break
@@ -241,6 +293,12 @@ def verify_listed_shards(out: Path, manifest: dict[str, Any]) -> None:
         n = fmt.read_header(path, hint)
         if n != shard["tokens"]:
             raise GPT2LabError(f"{path} holds {n} tokens but the manifest lists {shard['tokens']}; {hint}")
+        if shard.get("mask"):
+            mask_path = out / shard["mask"]
+            if not mask_path.is_file():
+                raise GPT2LabError(f"{mask_path} is listed in the manifest but missing; {hint}")
+            if fmt.read_header(mask_path, hint, kind="mask") != n:
+                raise GPT2LabError(f"{mask_path} does not hold one mask value per token of {path.name}; {hint}")
 
 
 @contextlib.contextmanager

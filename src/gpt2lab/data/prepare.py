@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..chat import ChatTemplate
 from ..errors import GPT2LabError
 from ..fileio import atomic_write_json, fsync_dir
 from ..tokenizer import Tokenizer, copy_tokenizer_files, get_tokenizer
 from . import outdir
 from . import shards as fmt
+from .conversations import add_chat_keys, is_chat
 from .encode import Task, make_tasks, tokenize_tasks
 from .sources import DEFAULT_PIECE_CHARS, Source, resolve_source
 
@@ -44,7 +46,9 @@ class PrepareOptions:
     """Everything `gpt2lab prepare` takes. None means "the preset's value, else the default".
 
     `piece_chars` is the size of the text pieces and tokenization tasks; it is part of a run's
-    identity because resume points are counted in tasks.
+    identity because resume points are counted in tasks. `data_format` is "text", "chat" (records
+    with a 'messages' list, rendered by the chat template with a loss mask) or "auto" (chat when
+    the records have a 'messages' field and no `text_field` is given).
     """
 
     source: str
@@ -62,6 +66,7 @@ class PrepareOptions:
     piece_chars: int = DEFAULT_PIECE_CHARS
     tokenizer: str | None = None  # a directory made by `gpt2lab tokenizer train`; None: GPT-2's
     ext: tuple[str, ...] | None = None  # file suffixes a directory or glob is restricted to; None: all
+    data_format: str = "auto"
 
     def command(self) -> str:
         """The `gpt2lab prepare` command that makes these shards (options that change no byte left out)."""
@@ -75,6 +80,7 @@ class PrepareOptions:
             ("--val-tokens", self.val_tokens),
             ("--tokenizer", self.tokenizer),
             ("--ext", ",".join(self.ext) if self.ext is not None else None),
+            ("--format", self.data_format if self.data_format != "auto" else None),
         ):
             if value is not None:
                 args += [flag, str(value)]
@@ -146,6 +152,11 @@ def prepare(
         ext=options.ext,
     )
     source.open()
+    fields = None if options.data_format == "text" else source.record_fields()
+    source.chat = is_chat(options.data_format, options.text_field, fields, options.source)
+    template = ChatTemplate.for_tokenizer(tok) if source.chat else None
+    if template is not None and template.n_vocab > 1 << 16:
+        raise GPT2LabError(f"tokenizer {tok.name!r} with the 4 chat tokens has {template.n_vocab}; uint16 holds 65536")
     identity = {
         "source": source.describe(),
         "tokenizer": {"name": tok.name, "vocab_hash": tok.vocab_hash, "eot_token": tok.eot_token},
@@ -156,6 +167,9 @@ def prepare(
             "piece_chars": options.piece_chars,
         },
     }
+    if template is not None:  # only for chat data, so that text directories keep their fingerprints
+        identity["settings"]["format"] = "chat"
+        identity["chat_template"] = template.to_record()
     # Same fingerprint = same output: identity plus the input files' sizes and times.
     fingerprint = hashlib.sha256(
         json.dumps({**identity, "input": source.signature(), "format": fmt.MANIFEST_VERSION}).encode()
@@ -193,15 +207,14 @@ def _run(
         outdir.verify_listed_shards(out, record)
         leftover = outdir.read_json(out / outdir.PROGRESS_NAME)
         if leftover:  # killed after the manifest was written, before the clean-up
-            outdir.remove_files(
-                [out / c["shard"]["file"] for c in leftover["chunks"] if c["shard"]["split"] == "pending"]
-            )
+            pending = [c["shard"] for c in leftover["chunks"] if c["shard"]["split"] == "pending"]
+            outdir.remove_files([path for shard in pending for path in outdir.files_of(out, shard)])
             outdir.remove_files([out / outdir.PROGRESS_NAME])
         return PrepareResult(out, record, up_to_date=True)
     if action == "resume" and record is not None and record.get("pieces") != PIECES_VERSION and record["end"] is None:
         if record.get("chunks"):
             note("the interrupted run was made by an older gpt2lab, which cuts documents differently: starting again")
-            outdir.remove_files([out / c["shard"]["file"] for c in record["chunks"]])
+            outdir.remove_files([path for c in record["chunks"] for path in outdir.files_of(out, c["shard"])])
         action = "fresh"
     if action == "resume":
         assert record is not None
@@ -261,8 +274,14 @@ def _stream(
     """Tokenize from the resume point to the end of the source into chunks; returns tokens made."""
     from tqdm.auto import tqdm
 
+    template = ChatTemplate.from_record(progress["chat_template"], str(out)) if progress.get("chat_template") else None
     chunks = outdir.ChunkWriter(
-        out, progress["settings"]["shard_prefix"], options.shard_tokens, options.val_tokens, progress
+        out,
+        progress["settings"]["shard_prefix"],
+        options.shard_tokens,
+        options.val_tokens,
+        progress,
+        template is not None,
     )
     first_task, task_start, documents, seeked = _resume_point(source, progress, note)
     tic = time.perf_counter()
@@ -292,27 +311,14 @@ def _stream(
     workers = options.workers or default_workers()
     # A seeked source starts at the first task's first piece; otherwise tasks before it are skipped.
     tasks = make_tasks(source.pieces(), options.piece_chars, source.position, first_task if seeked else 0)
-    stream = tokenize_tasks(tasks, tok.encoding, tok.eot_token, workers, first_task, skipped=show)
+    stream = tokenize_tasks(tasks, tok.encoding, tok.eot_token, workers, first_task, skipped=show, template=template)
     try:
-        for task, tokens in stream:
-            chunks.feed(tokens, task, task_start, documents)
+        for task, tokens, mask in stream:
+            chunks.feed(tokens, task, task_start, documents, mask)
             task_start += len(tokens)
             made += len(tokens)
             show(task)
-        stats = source.stats
-        if task_start == 0:
-            empty = f" ({stats.empty_documents} empty documents)" if stats.empty_documents else ""
-            raise GPT2LabError(f"{options.source}: empty corpus: there is no text in it{empty}")
-        chunks.finish(
-            {
-                "tokens": task_start,
-                "documents": documents,  # counted over skipped tasks too
-                "empty_documents": stats.empty_documents,
-                "replaced_bytes": stats.replaced_bytes,
-                "files_with_replacements": len(stats.files_with_replacements),
-                "example_files_with_replacements": stats.files_with_replacements[:10],
-            }
-        )
+        chunks.finish(_end_record(source, options.source, task_start, documents))
     except BaseException:
         chunks.abort()
         if task_start == 0 and not progress["chunks"]:
@@ -325,6 +331,37 @@ def _stream(
     return made
 
 
+def _template(progress: dict, out: Path) -> ChatTemplate | None:
+    """The chat template a run renders conversations with (its progress record has it), or None for text."""
+    record = progress.get("chat_template")
+    return ChatTemplate.from_record(record, str(out / outdir.PROGRESS_NAME)) if record else None
+
+
+def _end_record(source: Source, spec: str, tokens: int, documents: int) -> dict[str, Any]:
+    """The totals of a finished stream (`documents` counted over skipped tasks too), or a GPT2LabError
+    for a corpus that gave no tokens."""
+    stats, skipped = source.stats, source.skipped_records
+    if tokens == 0 and source.chat and skipped.count:
+        raise GPT2LabError(
+            f"{spec}: no conversation to train on: all {skipped.count} record(s) were skipped (first: "
+            f"{skipped.examples[0]}); each record needs a 'messages' list with an assistant reply"
+        )
+    if tokens == 0:
+        empty = f" ({stats.empty_documents} empty documents)" if stats.empty_documents else ""
+        raise GPT2LabError(f"{spec}: empty corpus: there is no text in it{empty}")
+    end = {
+        "tokens": tokens,
+        "documents": documents,
+        "empty_documents": stats.empty_documents,
+        "replaced_bytes": stats.replaced_bytes,
+        "files_with_replacements": len(stats.files_with_replacements),
+        "example_files_with_replacements": stats.files_with_replacements[:10],
+    }
+    if source.chat:
+        end["skipped_records"] = skipped.to_json()
+    return end
+
+
 def _finalize(out: Path, options: PrepareOptions, progress: dict) -> dict[str, Any]:
     """Split the pending chunk at the val/train boundary, write manifest.json, remove the progress file."""
     end, settings = progress["end"], progress["settings"]
@@ -332,7 +369,8 @@ def _finalize(out: Path, options: PrepareOptions, progress: dict) -> dict[str, A
     val = options.val_tokens if options.val_tokens is not None else min(size, total // AUTO_VAL_DIVISOR)
     if val >= total:
         # Nothing here is worth keeping: a re-run needs other settings anyway.
-        outdir.remove_files([out / c["shard"]["file"] for c in progress["chunks"]] + [out / outdir.PROGRESS_NAME])
+        listed = [path for c in progress["chunks"] for path in outdir.files_of(out, c["shard"])]
+        outdir.remove_files([*listed, out / outdir.PROGRESS_NAME])
         raise GPT2LabError(
             f"--val-tokens {val} leaves no training tokens: the corpus has {total}; use a smaller --val-tokens"
         )
@@ -343,13 +381,13 @@ def _finalize(out: Path, options: PrepareOptions, progress: dict) -> dict[str, A
         if info.split != "pending":
             shard_list.append(info)
             continue
-        pending.append(out / info.file)
+        pending += outdir.files_of(out, chunk["shard"])
         n_val = min(max(val - chunk["index"] * size, 0), info.tokens)
         val_part, train_part = (
             (out / outdir.shard_name(settings["shard_prefix"], split, chunk["index"]), split)
             for split in ("val", "train")
         )
-        shard_list += outdir.split_shard(out / info.file, n_val, val_part, train_part)
+        shard_list += outdir.split_shard(out / info.file, n_val, val_part, train_part, mask=info.mask is not None)
     splits = {
         split: {
             "tokens": sum(s.tokens for s in shard_list if s.split == split),
@@ -383,6 +421,8 @@ def _finalize(out: Path, options: PrepareOptions, progress: dict) -> dict[str, A
         "command": options.command(),
         "gpt2lab_version": __version__,
     }
+    if progress.get("chat_template"):
+        add_chat_keys(manifest, _template(progress, out), end["skipped_records"])
     atomic_write_json(out / fmt.MANIFEST_NAME, manifest)
     outdir.remove_files([*pending, out / outdir.PROGRESS_NAME])
     fsync_dir(out)

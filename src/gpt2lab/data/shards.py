@@ -131,9 +131,16 @@ class ShardInfo:
     split: str
     tokens: int
     sha256: str
+    # Chat data: the loss mask file beside the shard, its sha256, and how many of its values are 1.
+    mask: str | None = None
+    mask_sha256: str | None = None
+    learned_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "split": self.split, "tokens": self.tokens, "sha256": self.sha256}
+        out: dict[str, Any] = {"file": self.file, "split": self.split, "tokens": self.tokens, "sha256": self.sha256}
+        if self.mask is not None:
+            out.update(mask=self.mask, mask_sha256=self.mask_sha256, learned_tokens=self.learned_tokens)
+        return out
 
 
 class ShardWriter:

@@ -26,6 +26,7 @@ from ..download import cache_dir, load_hf_dataset
 from ..errors import GPT2LabError
 from ..fileio import atomic_open, file_sha256
 from ..jsonl import read_jsonl
+from .conversations import MESSAGES_FIELD, SkippedRecords, conversation_pieces
 from .text import DocumentPieces, Utf8Decoder
 
 # (text, starts_document, progress), in a fixed order: a document is one or more consecutive pieces of
@@ -118,6 +119,9 @@ class Source(abc.ABC):
         self.progress_total: int | None = None
         self.progress_done = 0  # progress before the start, after a seek()
         self.preset: CorpusPreset | None = None
+        # Chat mode: records are conversations (their 'messages' field); bad ones are skipped and counted.
+        self.chat = False
+        self.skipped_records = SkippedRecords()
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -130,6 +134,10 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def signature(self) -> str:
         """A hash that changes when the input changes (file list, sizes, times; dataset identity)."""
+
+    @abc.abstractmethod
+    def record_fields(self) -> list[str] | None:
+        """The fields of the source's first record, or None for plain text (not records)."""
 
     @abc.abstractmethod
     def pieces(self) -> Iterator[Piece]:
@@ -223,6 +231,9 @@ class FileSource(Source):
             desc["split_on"] = self.split_on
         if set(kinds) & {"jsonl", "parquet"}:
             desc["text_field"] = self.text_field
+        if self.chat:
+            desc.pop("text_field", None)
+            desc["messages_field"] = MESSAGES_FIELD
         # Only when used, so that the description (and the fingerprint) of other corpora stays as it was.
         if self.ext is not None:
             desc["ext"] = list(self.ext)
@@ -239,6 +250,18 @@ class FileSource(Source):
             st = f.stat()
             h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
+
+    def record_fields(self) -> list[str] | None:
+        if any(_kind_of(f) == "text" for f in self.files):
+            return None
+        path = self.files[0]
+        if _kind_of(path) == "parquet":
+            return _parquet_file(path).schema_arrow.names
+        with _open_input(path) as f:
+            for line in read_jsonl(f, path, "one JSON object", decode=Utf8Decoder().decode_whole):
+                if not line.blank:
+                    return list(line.record) if isinstance(line.record, dict) else []
+        return []
 
     def pieces(self) -> Iterator[Piece]:
         doc = DocumentPieces(self.piece_chars)
@@ -300,26 +323,26 @@ class FileSource(Source):
                 if line.blank:
                     yield from self._count(iter(()), line.size)
                     continue
+                if self.chat:
+                    conversation = conversation_pieces(line.record, line.where, self.skipped_records)
+                    yield from self._count(conversation, line.size)
+                    continue
                 text = _field(line.record, field_name, line.where)
                 yield from self._count(doc.whole(text), line.size)
         self._note_replacements(path, decoder)
 
     def _parquet_pieces(self, path: Path, doc: DocumentPieces) -> Iterator[Piece]:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(path)
-            schema = pf.schema_arrow
-        except (pa.ArrowException, OSError) as e:
-            raise GPT2LabError(f"{path}: not a readable Parquet file ({e})") from None
-        if self.text_field not in schema.names:
-            raise GPT2LabError(
-                f"{path}: no column {self.text_field!r} (columns: {', '.join(schema.names)}); "
-                "choose the text column with --text-field"
-            )
-        column_type = schema.field(self.text_field).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        pf = _parquet_file(path)
+        schema = pf.schema_arrow
+        column = MESSAGES_FIELD if self.chat else self.text_field
+        if column not in schema.names:
+            how = "prepare it as text with --format text" if self.chat else "choose the text column with --text-field"
+            raise GPT2LabError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); {how}")
+        column_type = schema.field(column).type
+        # A chat row's messages are checked as a conversation, and a bad row is skipped.
+        if not self.chat and not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
             raise GPT2LabError(
                 f"{path}: column {self.text_field!r} has type {column_type}, not string; "
                 "choose the text column with --text-field"
@@ -328,17 +351,33 @@ class FileSource(Source):
         size = path.stat().st_size
         done_rows, done_bytes = 0, 0
         try:
-            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+            for batch in pf.iter_batches(batch_size=1024, columns=[column]):
                 texts = batch.column(0).to_pylist()
                 done_rows += len(texts)
                 advance = size * done_rows // rows - done_bytes
                 done_bytes += advance
                 pieces: list[tuple[str, bool]] = []
-                for text in texts:
-                    pieces += doc.whole(text or "")
+                for row, text in enumerate(texts, done_rows - len(texts) + 1):
+                    if self.chat:
+                        pieces += conversation_pieces({column: text}, f"{path}: row {row}", self.skipped_records)
+                    else:
+                        pieces += doc.whole(text or "")
                 yield from self._count(iter(pieces), advance)
         except (pa.ArrowException, OSError) as e:
             raise GPT2LabError(f"{path}: cannot read Parquet data ({e})") from None
+
+
+def _parquet_file(path: Path) -> Any:
+    """An opened pyarrow ParquetFile, or a GPT2LabError saying the file is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        pf.schema_arrow  # noqa: B018  (reads the schema: a damaged file fails here)
+    except (pa.ArrowException, OSError) as e:
+        raise GPT2LabError(f"{path}: not a readable Parquet file ({e})") from None
+    return pf
 
 
 def _open_input(path: Path):
@@ -486,9 +525,20 @@ class HFSource(Source):
             "split": self.split,
             "text_field": self.text_field,
         }
+        if self.chat:
+            desc.pop("text_field")
+            desc["messages_field"] = MESSAGES_FIELD
         if self.preset is not None:
             desc["preset"] = self.preset.name
         return desc
+
+    def record_fields(self) -> list[str] | None:
+        features = getattr(self._ds, "features", None)
+        if features is not None:
+            return list(features)
+        for example in self._ds:  # a stream that does not know its columns: look at its first example
+            return list(example)
+        return []
 
     def signature(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
@@ -523,6 +573,8 @@ class HFSource(Source):
             "skip_pieces": skip,
             "empty_documents": empty,
         }
+        if self.chat:
+            self._position["skipped_records"] = self.skipped_records.to_json()
 
     def pieces(self) -> Iterator[Piece]:
         doc = DocumentPieces(self.piece_chars)
@@ -532,6 +584,8 @@ class HFSource(Source):
         if start is not None:
             n, skip, before = start["examples"], start["skip_pieces"], start["state"]
             doc.empty_documents = start["empty_documents"]
+            if self.chat:
+                self.skipped_records.restore(start["skipped_records"])
             if before is not None:
                 ds.load_state_dict(before)
         if tracked:
@@ -541,10 +595,14 @@ class HFSource(Source):
             for n, example in enumerate(ds, start=before_examples + 1):
                 # The stream state after this example (a small dict, copied): where a resume restarts.
                 after = ds.state_dict() if tracked else None
-                text = _field(example, self.text_field, f"{self._where()}, example {n}")
+                where = f"{self._where()}, example {n}"
+                if self.chat:
+                    example_pieces = conversation_pieces(example, where, self.skipped_records)
+                else:
+                    example_pieces = doc.whole(_field(example, self.text_field, where))
                 handed = 0  # pieces of this example yielded, the skipped ones included
                 last: tuple[str, bool] | None = None
-                for piece in doc.whole(text):
+                for piece in example_pieces:
                     if last is not None:
                         handed += 1
                         if handed > skip:
@@ -556,7 +614,7 @@ class HFSource(Source):
                     self._mark(after, n, 0, doc.empty_documents)
                 if last is not None and handed + 1 > skip:
                     yield last[0], last[1], int(last[1])
-                elif not text:
+                elif last is None:  # an empty document or a skipped record: progress only
                     yield "", False, 1
                 skip, before = 0, after
         except GPT2LabError:
