@@ -284,8 +284,12 @@ def test_bad_input_gets_one_openai_error_and_the_server_keeps_serving(server, bo
 
 def test_unknown_routes_and_methods_answer_in_the_same_shape(server):
     url, _ = server
+    code, out = request(url, "POST", "/v1/embeddings", {"input": "x"})
+    assert code == 404 and out["error"]["message"] == (
+        "no route POST /v1/embeddings; see GET /v1/models, POST /v1/completions and POST /v1/chat/completions"
+    )
     code, out = request(url, "GET", "/v1/chat/completions")
-    assert code == 404 and "no route GET /v1/chat/completions" in out["error"]["message"]
+    assert code == 405 and out["error"]["message"] == "GET is not allowed on /v1/chat/completions"
     code, out = request(url, "GET", "/v1/completions")
     assert code == 405 and out["error"]["message"] == "GET is not allowed on /v1/completions"
 

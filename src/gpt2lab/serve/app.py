@@ -1,9 +1,10 @@
 """The HTTP side: a FastAPI app in front of the engine.
 
-Routes: `GET /` (the playground), `GET /health`, `GET /v1/models`, `POST /v1/completions` (JSON, or
-server-sent events with `stream: true`). Request handlers run on uvicorn's event loop; the engine runs
-on its own thread and hands each event back with `loop.call_soon_threadsafe`, so a slow client never
-holds up the decode loop and the loop never blocks on the model.
+Routes: `GET /` (the playground), `GET /health`, `GET /v1/models`, `POST /v1/completions` and
+`POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`). Request handlers run on
+uvicorn's event loop; the engine runs on its own thread and hands each event back with
+`loop.call_soon_threadsafe`, so a slow client never holds up the decode loop and the loop never blocks
+on the model.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from .chat import ChatReply, ChatRequest, plan_chat
 from .engine import Engine, Event, Group, QueueFull
-from .protocol import APIError, Choice, Limits, Plan, envelope, parse_body, plan, usage
+from .protocol import APIError, CompletionReply, CompletionRequest, Limits, Plan, parse_body, plan
 
 STATIC = resources.files("gpt2lab.serve") / "static"
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
@@ -45,7 +47,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(404)
     async def not_found(request: Request, e: Exception) -> JSONResponse:
         where = f"{request.method} {request.url.path}"
-        err = APIError(404, f"no route {where}; see GET /v1/models and POST /v1/completions")
+        err = APIError(404, f"no route {where}; see GET /v1/models, POST /v1/completions and POST /v1/chat/completions")
         return JSONResponse(err.body(), status_code=404)
 
     @app.exception_handler(405)
@@ -99,8 +101,20 @@ def _add_page_routes(app: FastAPI, engine: Engine) -> None:
         }
 
 
+class Reply(Protocol):
+    """A response put together from the engine's events: protocol.CompletionReply or chat.ChatReply."""
+
+    plan: Plan
+
+    def chunks(self, ev: Event) -> list[dict[str, Any]]: ...
+
+    def body(self) -> dict[str, Any]: ...
+
+    def usage_chunk(self) -> dict[str, Any]: ...
+
+
 def _add_api_routes(app: FastAPI, engine: Engine, limits: Limits, check_key: Callable[[Request], None]) -> None:
-    """OpenAI's /v1/models and /v1/completions."""
+    """OpenAI's /v1/models, /v1/completions and /v1/chat/completions."""
     models = {name: (r.tokenizer, r.context) for name, r in engine.runners.items()}
 
     @app.get("/v1/models")
@@ -117,24 +131,32 @@ def _add_api_routes(app: FastAPI, engine: Engine, limits: Limits, check_key: Cal
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_key(request)
-        p = plan(parse_body(await request.body()), models, limits)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        groups = _groups(p, _emitter(asyncio.get_running_loop(), queue))
-        try:
-            engine.submit(groups)
-        except QueueFull as e:
-            raise APIError(503, str(e), type="server_error", code="server_busy") from None
-        choices = [
-            Choice(i, p.prompt_texts[i // p.n] if p.echo else "", p.logprobs is not None)
-            for i in range(len(p.prompts) * p.n)
-        ]
-        if p.stream:
-            return StreamingResponse(
-                _stream(engine, groups, p, choices, queue),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await _collect(engine, groups, p, choices, queue, request)
+        p = plan(parse_body(await request.body(), CompletionRequest), models, limits)
+        return await _answer(engine, CompletionReply(p), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_key(request)
+        p = plan_chat(parse_body(await request.body(), ChatRequest), models, limits)
+        return await _answer(engine, ChatReply(p, models[p.model][0]), request)
+
+
+async def _answer(engine: Engine, reply: Reply, request: Request) -> Response:
+    """Queue the request's prompts on the engine (or refuse with 503) and answer as it decodes them."""
+    p = reply.plan
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    groups = _groups(p, _emitter(asyncio.get_running_loop(), queue))
+    try:
+        engine.submit(groups)
+    except QueueFull as e:
+        raise APIError(503, str(e), type="server_error", code="server_busy") from None
+    if p.stream:
+        return StreamingResponse(
+            _stream(engine, groups, reply, queue),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _collect(engine, groups, reply, queue, request)
 
 
 def _groups(p: Plan, emit: Callable[[Event], None]) -> list[Group]:
@@ -151,6 +173,7 @@ def _groups(p: Plan, emit: Callable[[Event], None]) -> list[Group]:
             logprobs=p.logprobs,
             echo_logprobs=p.echo and p.logprobs is not None,
             emit=emit,
+            end_ids=p.end_ids,
         )
         for i, ids in enumerate(p.prompts)
     ]
@@ -174,12 +197,12 @@ class ClientGone(RuntimeError):
 
 
 async def _collect(
-    engine: Engine, groups: list[Group], p: Plan, choices: list[Choice], queue: asyncio.Queue[Event], request: Request
+    engine: Engine, groups: list[Group], reply: Reply, queue: asyncio.Queue[Event], request: Request
 ) -> JSONResponse:
     """Wait for every choice to finish; a client that hangs up meanwhile frees its slots."""
-    done = 0
+    done, total = 0, sum(g.n for g in groups)
     try:
-        while done < len(choices):
+        while done < total:
             try:
                 ev = await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
@@ -188,43 +211,33 @@ async def _collect(
                 continue
             if ev.error is not None:
                 raise APIError(500, ev.error, type="server_error")
-            choices[ev.choice].add(ev)
+            reply.chunks(ev)
             done += ev.finish_reason is not None
     finally:
-        if done < len(choices):
+        if done < total:
             engine.cancel(groups)
-    body = envelope(p, [c.json() for c in choices])
-    body["usage"] = usage(p, choices)
-    return JSONResponse(body)
+    return JSONResponse(reply.body())
 
 
-async def _stream(
-    engine: Engine, groups: list[Group], p: Plan, choices: list[Choice], queue: asyncio.Queue[Event]
-) -> AsyncIterator[str]:
-    """Server-sent events: one `data: {chunk}` per event, then `data: [DONE]`. When the client goes
+async def _stream(engine: Engine, groups: list[Group], reply: Reply, queue: asyncio.Queue[Event]) -> AsyncIterator[str]:
+    """Server-sent events: one `data: {chunk}` per chunk, then `data: [DONE]`. When the client goes
     away, Starlette cancels this generator and the `finally` frees the request's slots at once."""
-    done = 0
-    started = [False] * len(choices)
+    done, total = 0, sum(g.n for g in groups)
     try:
-        while done < len(choices):
+        while done < total:
             ev = await queue.get()
             if ev.error is not None:
                 yield _sse({"error": APIError(500, ev.error, type="server_error").body()["error"]})
                 break
-            part = choices[ev.choice].add(ev)
-            if not started[ev.choice]:
-                started[ev.choice] = True
-                if p.echo:
-                    part["text"] = p.prompt_texts[ev.choice // p.n] + part["text"]
+            for chunk in reply.chunks(ev):
+                yield _sse(chunk)
             done += ev.finish_reason is not None
-            if part["text"] or part["finish_reason"] or (part["logprobs"] and part["logprobs"]["tokens"]):
-                yield _sse(envelope(p, [part]))  # not the steps whose text is all held back
         else:
-            if p.include_usage:
-                yield _sse({**envelope(p, []), "usage": usage(p, choices)})
+            if reply.plan.include_usage:
+                yield _sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
     finally:
-        if done < len(choices):
+        if done < total:
             engine.cancel(groups)
 
 

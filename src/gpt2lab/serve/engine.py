@@ -52,6 +52,7 @@ class TokenInfo:
     logprob: float | None
     top: list[tuple[str, float]] | None
     offset: int = 0
+    top_ids: list[int] | None = None  # the ids of `top`'s tokens (chat logprobs report their bytes)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Group:
     echo_logprobs: bool  # also report the prompt tokens' log-probabilities
     emit: Callable[[Event], None]
     cancelled: bool = False
+    end_ids: frozenset[int] = frozenset()  # tokens that end a choice as <|endoftext|> does (a chat turn's end)
 
 
 @dataclass
@@ -213,8 +215,8 @@ class ModelRunner:
         token = int(sample_next(logits, g.sampling, r.generator)[0])
         r.generated += 1
         r.last = token
-        eot = token == self.tokenizer.eot_token
-        if eot:  # the end of the document: like a stop string, in neither the text nor the logprobs
+        eot = token == self.tokenizer.eot_token or token in g.end_ids
+        if eot:  # the end of the document or turn: like a stop string, in neither the text nor the logprobs
             piece = r.text.flush()
         else:
             piece, start = r.text.push(token)
@@ -241,11 +243,12 @@ class ModelRunner:
     def _token_info(self, logits: torch.Tensor, token: int, top_n: int, offset: int) -> TokenInfo:
         # The model's own distribution (temperature 1, nothing filtered), as OpenAI's logprobs are.
         logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-        top = None
+        top, top_ids = None, None
         if top_n > 0:
             values, ids = torch.topk(logp, top_n)
-            top = [(token_text(self.tokenizer, int(i)), float(v)) for v, i in zip(values, ids)]
-        return TokenInfo(token, token_text(self.tokenizer, token), float(logp[token]), top, offset)
+            top_ids = ids.tolist()
+            top = [(token_text(self.tokenizer, i), float(v)) for v, i in zip(values, top_ids)]
+        return TokenInfo(token, token_text(self.tokenizer, token), float(logp[token]), top, offset, top_ids)
 
     def _release(self, r: _Running) -> None:
         self.running.remove(r)

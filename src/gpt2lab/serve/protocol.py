@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -54,14 +54,12 @@ class Limits:
     max_prompts: int = 16
 
 
-class CompletionRequest(BaseModel):
-    """The body of `POST /v1/completions`. Types are strict: "5" is not an integer."""
+class DecodingRequest(BaseModel):
+    """The fields completions and chat completions share. Types are strict: "5" is not an integer."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    prompt: Any = None  # None: a new document, OpenAI's default "<|endoftext|>" as the separator token
-    max_tokens: StrictInt | None = 16
     temperature: StrictFloat | StrictInt | None = 1.0
     top_p: StrictFloat | StrictInt | None = 1.0
     top_k: StrictInt | None = None
@@ -70,18 +68,28 @@ class CompletionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
-    echo: StrictBool | None = False
-    logprobs: StrictInt | None = None
     user: StrictStr | None = None
     # Accepted by OpenAI; here only at the values that leave sampling unchanged.
-    best_of: StrictInt | None = None
     frequency_penalty: StrictFloat | StrictInt | None = None
     presence_penalty: StrictFloat | StrictInt | None = None
     logit_bias: dict[str, Any] | None = None
-    suffix: StrictStr | None = None
 
 
-def parse_body(raw: bytes) -> CompletionRequest:
+class CompletionRequest(DecodingRequest):
+    """The body of `POST /v1/completions`."""
+
+    prompt: Any = None  # None: a new document, OpenAI's default "<|endoftext|>" as the separator token
+    max_tokens: StrictInt | None = 16
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None  # accepted only as n
+    suffix: StrictStr | None = None  # refused when given
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_body(raw: bytes, schema: type[RequestT]) -> RequestT:
     """The request from the raw body: malformed JSON, wrong types and unknown fields are 400s."""
     try:
         data = json.loads(raw)
@@ -90,7 +98,7 @@ def parse_body(raw: bytes) -> CompletionRequest:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
-        return CompletionRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None
@@ -115,6 +123,7 @@ class Plan:
     echo: bool
     stream: bool
     include_usage: bool
+    end_ids: frozenset[int] = frozenset()  # tokens that end a choice besides <|endoftext|>
     id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -157,9 +166,9 @@ def _checked_ids(prompts: list[list[int]], tok: Tokenizer) -> tuple[list[list[in
     return prompts, [tok.decode(ids) for ids in prompts]
 
 
-def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limits: Limits) -> Plan:
-    """Check a request against the served models and the limits. `models`: name -> (tokenizer, context)."""
-    name = req.model if req.model is not None else next(iter(models))
+def model_name(requested: str | None, models: dict[str, Any]) -> str:
+    """The served model a request names (the first one when it names none), or a 404."""
+    name = requested if requested is not None else next(iter(models))
     if name not in models:
         raise APIError(
             404,
@@ -167,6 +176,61 @@ def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limit
             "model",
             code="model_not_found",
         )
+    return name
+
+
+def check_context(longest: int, max_tokens: int, context: int, prompt_param: str) -> None:
+    """OpenAI refuses a prompt and completion longer than the context rather than cropping
+    (`gpt2lab sample` slides its window instead)."""
+    if longest + max_tokens > context:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens, however you requested "
+            f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion); "
+            "shorten the prompt or lower max_tokens",
+            "max_tokens" if longest < context else prompt_param,
+            code="context_length_exceeded",
+        )
+
+
+def decoding(req: DecodingRequest, limits: Limits, tok: Tokenizer) -> dict[str, Any]:
+    """The checked fields that completions and chat completions share, as Plan's keyword arguments:
+    n, sampling, stop, stream, include_usage."""
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
+    top_p = 1.0 if req.top_p is None else float(req.top_p)
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if req.top_k is not None and req.top_k < 0:
+        raise APIError(400, f"top_k must be >= 0 (0 = off), got {req.top_k}", "top_k")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= limits.max_n:
+        raise APIError(400, f"n must be between 1 and {limits.max_n} on this server, got {n}", "n")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop sequences, got {len(stop)}", "stop")
+    if req.seed is not None and not 0 <= req.seed < 2**62:
+        raise APIError(400, f"seed must be between 0 and 2**62 - 1, got {req.seed}", "seed")
+    _unsupported(req)
+    options = req.stream_options or {}
+    if options and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+    sampling = SamplingParams(
+        temperature=temperature, top_k=req.top_k or None, top_p=top_p, seed=req.seed, stop_token=tok.eot_token
+    )
+    return {
+        "n": n,
+        "sampling": sampling,
+        "stop": stop,
+        "stream": bool(req.stream),
+        "include_usage": bool(options.get("include_usage", False)),
+    }
+
+
+def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limits: Limits) -> Plan:
+    """Check a request against the served models and the limits. `models`: name -> (tokenizer, context)."""
+    name = model_name(req.model, models)
     tok, context = models[name]
     prompts, texts = _prompts(req.prompt, tok)
     if len(prompts) > limits.max_prompts:
@@ -184,65 +248,30 @@ def plan(req: CompletionRequest, models: dict[str, tuple[Tokenizer, int]], limit
         raise APIError(
             400, f"max_tokens must be between {lowest} and {cap} on this server, got {max_tokens}", "max_tokens"
         )
-    longest = max(len(p) for p in prompts)
-    if longest + max_tokens > context:
-        # OpenAI refuses rather than cropping; `gpt2lab sample` slides its window instead.
-        raise APIError(
-            400,
-            f"this model's maximum context length is {context} tokens, however you requested "
-            f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion); "
-            "shorten the prompt or lower max_tokens",
-            "max_tokens" if longest < context else "prompt",
-            code="context_length_exceeded",
-        )
-    temperature = 1.0 if req.temperature is None else float(req.temperature)
-    if not 0 <= temperature <= 2:
-        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
-    top_p = 1.0 if req.top_p is None else float(req.top_p)
-    if not 0 < top_p <= 1:
-        raise APIError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-    if req.top_k is not None and req.top_k < 0:
-        raise APIError(400, f"top_k must be >= 0 (0 = off), got {req.top_k}", "top_k")
-    n = 1 if req.n is None else req.n
-    if not 1 <= n <= limits.max_n:
-        raise APIError(400, f"n must be between 1 and {limits.max_n} on this server, got {n}", "n")
+    check_context(max(len(p) for p in prompts), max_tokens, context, "prompt")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP:
-        raise APIError(400, f"at most {MAX_STOP} stop sequences, got {len(stop)}", "stop")
-    if req.seed is not None and not 0 <= req.seed < 2**62:
-        raise APIError(400, f"seed must be between 0 and 2**62 - 1, got {req.seed}", "seed")
-    _unsupported(req)
-    options = req.stream_options or {}
-    if options and not req.stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     return Plan(
         model=name,
         prompts=prompts,
         prompt_texts=texts,
-        n=n,
         max_tokens=max_tokens,
-        sampling=SamplingParams(
-            temperature=temperature, top_k=req.top_k or None, top_p=top_p, seed=req.seed, stop_token=tok.eot_token
-        ),
-        stop=stop,
         logprobs=req.logprobs,
         echo=bool(req.echo),
-        stream=bool(req.stream),
-        include_usage=bool(options.get("include_usage", False)),
+        **decoding(req, limits, tok),
     )
 
 
-def _unsupported(req: CompletionRequest) -> None:
-    if req.best_of not in (None, 1) and req.best_of != req.n:
+def _unsupported(req: DecodingRequest) -> None:
+    best_of = getattr(req, "best_of", None)  # completions only, as is suffix
+    if best_of not in (None, 1) and best_of != req.n:
         raise APIError(400, "best_of is not supported; leave it out or set it to n", "best_of")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name) not in (None, 0):
             raise APIError(400, f"{name} is not supported; leave it out or set it to 0", name)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported; leave it out", "logit_bias")
-    if req.suffix:
+    if getattr(req, "suffix", None):
         raise APIError(400, "suffix is not supported: GPT-2 only continues text", "suffix")
 
 
@@ -306,12 +335,44 @@ def usage(plan: Plan, choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def envelope(plan: Plan, choices: list[dict[str, Any]]) -> dict[str, Any]:
+def envelope(plan: Plan, choices: list[dict[str, Any]], object: str = "text_completion") -> dict[str, Any]:
     return {
         "id": plan.id,
-        "object": "text_completion",
+        "object": object,
         "created": plan.created,
         "model": plan.model,
         "system_fingerprint": None,
         "choices": choices,
     }
+
+
+class CompletionReply:
+    """A completions response put together from the engine's events, streamed or whole. The chat
+    endpoint's `ChatReply` (chat.py) has the same three methods; app.py drives either."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.choices = [
+            Choice(i, plan.prompt_texts[i // plan.n] if plan.echo else "", plan.logprobs is not None)
+            for i in range(len(plan.prompts) * plan.n)
+        ]
+        self.started = [False] * len(self.choices)
+
+    def chunks(self, ev: Event) -> list[dict[str, Any]]:
+        """Take an event; returns the streamed chunks it makes (none for a step whose text is all held back)."""
+        part = self.choices[ev.choice].add(ev)
+        if not self.started[ev.choice]:
+            self.started[ev.choice] = True
+            if self.plan.echo:
+                part["text"] = self.plan.prompt_texts[ev.choice // self.plan.n] + part["text"]
+        if part["text"] or part["finish_reason"] or (part["logprobs"] and part["logprobs"]["tokens"]):
+            return [envelope(self.plan, [part])]
+        return []
+
+    def body(self) -> dict[str, Any]:
+        """The whole response, once every choice has finished."""
+        return {**envelope(self.plan, [c.json() for c in self.choices]), "usage": usage(self.plan, self.choices)}
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The last chunk of a stream with `stream_options.include_usage`."""
+        return {**envelope(self.plan, []), "usage": usage(self.plan, self.choices)}
