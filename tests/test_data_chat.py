@@ -198,6 +198,18 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+def killed_at_chunk(index: int):
+    """ChunkWriter._close that stops the run (as Ctrl-C would) instead of closing chunk `index`."""
+    real_close = outdir.ChunkWriter._close
+
+    def close(self, resume):
+        if self.index == index:
+            raise KeyboardInterrupt
+        real_close(self, resume)
+
+    return close
+
+
 def test_jsonl_conversations_are_rendered_exactly_with_masks_and_manifest(tmp_path, tok):
     convs = conversations(40)
     records = [{"messages": c, "source": "synthetic"} for c in convs]
@@ -246,17 +258,9 @@ def test_two_workers_and_resume_after_a_kill_give_identical_shards_and_masks(tmp
     run(src, "out", workers=2, **opts)
     assert dir_bytes(tmp_path / "two" / "out") == reference
     for stop_after in (1, 4):
-        real_close, closed = outdir.ChunkWriter._close, []
-
-        def dying_close(self, resume, real_close=real_close, closed=closed, stop_after=stop_after):
-            if len(closed) == stop_after:
-                raise KeyboardInterrupt
-            closed.append(1)
-            real_close(self, resume)
-
         out = in_dir(f"k{stop_after}")
         with monkeypatch.context() as mp:
-            mp.setattr(outdir.ChunkWriter, "_close", dying_close)
+            mp.setattr(outdir.ChunkWriter, "_close", killed_at_chunk(stop_after))
             with pytest.raises(KeyboardInterrupt):
                 run(src, "out", **opts)
         kept = sorted(p.suffix for p in out.iterdir() if p.suffix in (".bin", ".mask"))
@@ -266,7 +270,7 @@ def test_two_workers_and_resume_after_a_kill_give_identical_shards_and_masks(tmp
         assert dir_bytes(out) == reference
 
 
-def test_hf_chat_dataset_from_local_parquet_offline(tmp_path, tok):
+def test_hf_chat_dataset_from_local_parquet_offline(tmp_path, tok, monkeypatch):
     pytest.importorskip("datasets")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -285,19 +289,10 @@ def test_hf_chat_dataset_from_local_parquet_offline(tmp_path, tok):
     )
     # Killed after four chunks (past the bad row), resumed from the dataset's recorded stream position:
     # the same data, and the skipped record counted once.
-    real_close = outdir.ChunkWriter._close
-
-    def dying_close(self, resume):
-        if self.index == 4:
-            raise KeyboardInterrupt
-        real_close(self, resume)
-
-    outdir.ChunkWriter._close = dying_close
-    try:
+    with monkeypatch.context() as mp:
+        mp.setattr(outdir.ChunkWriter, "_close", killed_at_chunk(4))
         with pytest.raises(KeyboardInterrupt):
             run(f"hf:{tmp_path / 'ds'}", tmp_path / "killed", shard_tokens=500, piece_chars=400)
-    finally:
-        outdir.ChunkWriter._close = real_close
     resumed = run(f"hf:{tmp_path / 'ds'}", tmp_path / "killed", shard_tokens=500, piece_chars=400)
     assert resumed.resumed_chunks == 4 and resumed.tokenized < resumed.manifest["total_tokens"] - 1700
     assert stream_and_mask(tmp_path / "killed") == rendered(convs, tok)
