@@ -82,6 +82,11 @@ def pack_best_fit(lengths: np.ndarray, row_len: int, buffer: int = BUFFER_CONVER
     return rows
 
 
+def masked_targets(next_tokens: np.ndarray, learn: np.ndarray) -> np.ndarray:
+    """The targets the loss sees: `next_tokens` (T,) where `learn` (T,) is true, IGNORE (-1) elsewhere; int64."""
+    return np.where(learn, next_tokens, IGNORE).astype(np.int64)
+
+
 class ChatLoader(LoaderPosition):
     """Batches of (x, y), int64 of shape (batch_size, seq_len), of conversations, for one rank.
 
@@ -160,7 +165,7 @@ class ChatLoader(LoaderPosition):
             tokens[at : at + n] = self.tokens.read(start, n)
             learn[at : at + n] = self.masks.read(start, n) != 0
             at += n
-        return tokens[:-1], np.where(learn[1:], tokens[1:], IGNORE)
+        return tokens[:-1], masked_targets(tokens[1:], learn[1:])
 
     def rows(self, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows `ks` of the current epoch as (x, y), int64 tensors of shape (len(ks), seq_len)."""

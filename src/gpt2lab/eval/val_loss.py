@@ -116,3 +116,35 @@ def val_loss(
     n_tokens = n_windows * seq_len
     loss = float(per_window.cpu().sum()) / n_tokens  # summed in window order on every rank
     return ValLossResult(loss, n_tokens, n_windows, seq_len)
+
+
+def chat_val_loss(
+    model: nn.Module, rows: Any, ctx: EvalContext | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> ValLossResult:
+    """Mean loss over the learned targets (the assistant's replies and their end) of a chat split.
+
+    rows: a `data.chat_loader.ChatLoader` over the split, unshuffled: its epoch's first
+    floor(max_tokens / seq_len) rows are scored, each (x, y) of shape (seq_len,) with y = -1 where the
+    loss does not learn. The result's `tokens` counts the learned targets. Call it on every rank with
+    the same arguments (windows are sharded as `val_loss`'s): each rank returns the same result.
+    """
+    ctx = ctx or EvalContext()
+    gpt = unwrap(model)
+    seq_len = rows.seq_len
+    n_windows = min(max_tokens // seq_len, rows.rows_in_epoch)
+    if n_windows < 1:
+        raise GPT2LabError(f"the token budget ({max_tokens}) is smaller than one row of {seq_len} tokens")
+    device = ctx.device_for(gpt)
+    learned = sum(int((rows.row(k)[1] != -1).sum()) for k in range(n_windows))
+
+    def score(batch: list[int]) -> torch.Tensor:
+        x, y = (t.to(device) for t in rows.rows(batch))  # (b, T) each; y = -1 where not learned
+        targets = y.reshape(-1)  # (b * T,)
+        with autocast(device, ctx.autocast_dtype):
+            losses = token_nll(gpt, hidden_at(gpt, x), targets.clamp(min=0))  # (b * T,)
+        losses = torch.where(targets != -1, losses.double(), 0.0)
+        return losses.view(len(batch), seq_len).sum(dim=1)  # (b,) summed NLL of each row's learned targets
+
+    per_window = windowed_sum(gpt, n_windows, ctx, score, "val loss")
+    loss = float(per_window.cpu().sum()) / max(learned, 1)
+    return ValLossResult(loss, learned, n_windows, seq_len)

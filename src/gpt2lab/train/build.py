@@ -14,9 +14,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import accel, distributed
 from ..accel import CpuLossKernel
+from ..chat import ChatTemplate, template_of
 from ..checkpoint import is_checkpoint, load_model, missing_model_path, read_meta, resolve_checkpoint
 from ..config import GPTConfig
 from ..data import ShardLoader, data_tokenizer
+from ..data.chat_loader import ChatLoader, open_chat_loader
 from ..data.prefetch import PrefetchLoader
 from ..data.shards import MANIFEST_NAME
 from ..errors import GPT2LabError
@@ -77,25 +79,49 @@ def data_tokenizer_or_gpt2(data_dir: str) -> Tokenizer:
     return data_tokenizer(root) if (root / MANIFEST_NAME).is_file() else get_tokenizer()
 
 
+def chat_template_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The chat template whose replies train.loss = "assistant" learns (the data's), or None for
+    train.loss = "all"; text data under "assistant" is a GPT2LabError."""
+    if cfg.train.loss != "assistant":
+        return None
+    template = template_of(tokenizer)
+    if template is None:
+        raise GPT2LabError(
+            f"train.loss = 'assistant' learns the assistant's replies of chat data, but {cfg.data.dir} was not "
+            "prepared from conversations: prepare it from records with a 'messages' field, or use train.loss = 'all'"
+        )
+    return template
+
+
 def train_loader(
-    cfg: TrainConfig, tokenizer: Tokenizer, rank: int, world_size: int, device: torch.device
+    cfg: TrainConfig,
+    tokenizer: Tokenizer,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    chat: ChatTemplate | None = None,
 ) -> PrefetchLoader:
-    """This rank's training batches, (batch_size, seq_len) windows of the train split."""
+    """This rank's training batches, (batch_size, seq_len) windows of the train split, or with a chat
+    template, rows of conversations whose targets are -1 outside the assistant's replies (ChatLoader)."""
     t = cfg.train
-    # A thread cuts the next batches while the device computes; pinned, they copy without blocking.
-    return PrefetchLoader(
-        ShardLoader(
-            cfg.data.dir,
-            "train",
-            batch_size=t.batch_size,
-            seq_len=t.seq_len,
-            rank=rank,
-            world_size=world_size,
-            seed=t.seed,
-            shuffle=cfg.data.shuffle,
-            tokenizer=tokenizer,
-        ),
-        pin_memory=device.type == "cuda",
+    where = dict(rank=rank, world_size=world_size, seed=t.seed, shuffle=cfg.data.shuffle, tokenizer=tokenizer)
+    if chat is not None:
+        rows = open_chat_loader(
+            cfg.data.dir, "train", bos_id=chat.bos_id, batch_size=t.batch_size, seq_len=t.seq_len, **where
+        )
+        # A thread cuts the next batches while the device computes; pinned, they copy without blocking.
+        return PrefetchLoader(rows, pin_memory=device.type == "cuda")  # type: ignore[arg-type]
+    windows = ShardLoader(cfg.data.dir, "train", batch_size=t.batch_size, seq_len=t.seq_len, **where)
+    return PrefetchLoader(windows, pin_memory=device.type == "cuda")
+
+
+def chat_val_rows(cfg: TrainConfig, tokenizer: Tokenizer, chat: ChatTemplate | None) -> ChatLoader | None:
+    """The val split's rows as the chat loss evaluates them (unshuffled), or None for text training
+    or without a val loss."""
+    if chat is None or cfg.eval.val_tokens == 0:
+        return None
+    return open_chat_loader(
+        cfg.data.dir, "val", tokenizer=tokenizer, bos_id=chat.bos_id, batch_size=1, seq_len=cfg.train.seq_len
     )
 
 
@@ -158,14 +184,17 @@ def pretrained_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     # Hugging Face GPT-2 weights go with GPT-2's tokenizer; a gpt2lab checkpoint records its own.
     record = read_meta(folder).get("tokenizer") if folder is not None else get_tokenizer().info()
     check_same_tokenizer(record, tokenizer, str(source))
-    if loaded.config.vocab_size != tokenizer.n_vocab:
+    config = loaded.config.replace(dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    template = template_of(tokenizer)
+    if template is not None and loaded.config.vocab_size == template.first_id:
+        # A text model fine-tuned on conversations: the chat tokens get rows (with_shape initialises them).
+        config = config.replace(vocab_size=template.n_vocab)
+    elif loaded.config.vocab_size != tokenizer.n_vocab:
         raise GPT2LabError(
             f"{source} has a vocabulary of {loaded.config.vocab_size} tokens but the data was tokenized with "
             f"{tokenizer.n_vocab}; fine-tune on data prepared with the model's tokenizer"
         )
-    return with_shape(
-        loaded, loaded.config.replace(dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
-    )
+    return with_shape(loaded, config)
 
 
 def check_same_tokenizer(record: dict | None, tokenizer: Tokenizer, what: str) -> None:
@@ -179,10 +208,17 @@ def check_same_tokenizer(record: dict | None, tokenizer: Tokenizer, what: str) -
 
 
 def with_shape(model: GPT, config: GPTConfig) -> GPT:
-    """`model`'s weights under `config`, which may differ in dropout and vocabulary padding only; new
-    padding rows are zero (they never reach a softmax), dropped padding rows were unused."""
+    """`model`'s weights under `config`, which may differ in dropout, vocabulary padding and a larger
+    vocabulary: new tokens' rows (taking spare padding rows or added ones alike) start at the mean of
+    the existing tokens' embeddings, as transformers' `resize_token_embeddings` does, so they begin
+    as an average token instead of noise; new padding rows are zero (they never reach a softmax),
+    dropped padding rows were unused."""
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    wte = weights["transformer.wte.weight"][: config.vocab_size]  # (V, C)
+    wte = weights["transformer.wte.weight"][: model.config.vocab_size]  # (V, C), the tokens' rows
+    added = config.vocab_size - wte.size(0)
+    if added > 0:
+        wte = torch.cat([wte, wte.mean(dim=0, keepdim=True).expand(added, -1)])  # (V + added, C)
+    wte = wte[: config.vocab_size]
     pad = config.padded_vocab_size - config.vocab_size
     weights["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(pad, wte.size(1))])  # (padded V, C)
     return GPT.from_state_dict(config, weights).train()
@@ -217,7 +253,8 @@ class TrainerSetup:
         self.grad_accum = gradient_accumulation(cfg, self.env.world_size)
         self.tokens_per_step = t.total_batch_tokens
         self.tokenizer = data_tokenizer_or_gpt2(cfg.data.dir)
-        self.loader = train_loader(cfg, self.tokenizer, self.env.rank, self.env.world_size, self.device)
+        self.chat = chat_template_for(cfg, self.tokenizer)
+        self.loader = train_loader(cfg, self.tokenizer, self.env.rank, self.env.world_size, self.device, self.chat)
         # The stop flag goes into the loss all-reduce as one of these device scalars: a tensor made
         # from a Python bool every step would be a blocking host-to-device copy.
         self._flags = (torch.zeros((), device=self.device), torch.ones((), device=self.device))
@@ -244,6 +281,7 @@ class TrainerSetup:
             eval_tasks,
             self.env.rank,
             self.env.world_size,
+            chat_val=chat_val_rows(cfg, self.tokenizer, self.chat),
         )
         self.val_split = self.evaluator.val_data
         if self.val_split is None:
@@ -371,7 +409,8 @@ class TrainerSetup:
             f"{self.num_params:,} parameters ({start})",
             f"device: {device}, {precision_text(self.amp_dtype)}{compiled}",
             f"data: {train_tokens:,} train and {val_tokens:,} val tokens in {cfg.data.dir}, tokenizer "
-            f"{self.tokenizer.name} ({self.tokenizer.n_vocab:,} tokens)",
+            f"{self.tokenizer.name} ({self.tokenizer.n_vocab:,} tokens)"
+            + ("; the loss learns the assistant's replies only" if self.chat is not None else ""),
             f"steps: {t.max_steps:,} x {self.tokens_per_step:,} tokens = {total:,} tokens "
             f"({total / train_tokens:.3g} passes over the train tokens); micro-batches of {t.batch_size} x "
             f"{t.seq_len}, gradient accumulation {self.grad_accum}",

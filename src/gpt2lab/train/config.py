@@ -106,6 +106,10 @@ class TrainSection:
     compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" compiles in seconds (CPU tests)
     deterministic: bool = False  # repeatable GPU runs, at a cost (see runtime.deterministic)
     init_from: str = ""  # "" = from scratch; else a Hub name, HF directory or gpt2lab checkpoint/run
+    # "all": every next token is a target. "assistant": chat data only (prepared from 'messages'
+    # records): rows start at a conversation's start and the loss learns the assistant's replies alone,
+    # averaged over the step's learned tokens (data/chat_loader.py).
+    loss: str = "all"
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped
     log_every: int = 1  # metrics.jsonl records every N steps
     tensorboard: bool = False
@@ -234,6 +238,7 @@ class TrainConfig:
         fits = t.max_minutes > 0 or not o.fit_schedule_to_time
         need(fits, "optim.fit_schedule_to_time", "false without a time limit (train.max_minutes)")
         need(t.parallel in PARALLEL, "train.parallel", f"one of {', '.join(PARALLEL)}")
+        need(t.loss in LOSSES, "train.loss", f"one of {', '.join(LOSSES)} (all tokens, or assistant replies only)")
         wandb_ok = not set(t.wandb_project) & set(WANDB_FORBIDDEN)
         need(wandb_ok, "train.wandb_project", f"a project name without any of {WANDB_FORBIDDEN}")
         if o.name == "muon" and t.parallel == "fsdp":
@@ -275,6 +280,7 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_FORBIDDEN = "/\\#?%:"  # the characters wandb refuses in a project's name
+LOSSES = ("all", "assistant")
 PARALLEL = ("ddp", "fsdp")  # train/parallel.py, which imports torch, names the same two
 
 

@@ -71,7 +71,10 @@ class Evaluator:
         extra: Sequence[EvalTask],
         rank: int,
         world_size: int,
+        chat_val: Any = None,
     ) -> None:
+        """chat_val: the val split's rows (a data.chat_loader.ChatLoader) when training on chat data,
+        whose val loss is then over the assistant's replies alone, as the training loss."""
         from ..eval.val_loss import open_val_tokens
 
         unknown = [t for t in tasks if t not in NAMED_TASKS]
@@ -80,6 +83,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.val_tokens = val_tokens
         self.val_data = open_val_tokens(data_dir, tokenizer) if val_tokens > 0 else None
+        self.chat_val = chat_val
         self.hellaswag_items = None
         if "hellaswag" in tasks:
             from ..eval import hellaswag
@@ -90,12 +94,14 @@ class Evaluator:
 
     def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         from ..eval import hellaswag
-        from ..eval.val_loss import val_loss
+        from ..eval.val_loss import chat_val_loss, val_loss
 
         saved = rng_state()
         try:
             metrics: dict[str, Any] = {}
-            if self.val_data is not None:
+            if self.chat_val is not None:
+                metrics.update(chat_val_loss(model, self.chat_val, ctx, max_tokens=self.val_tokens).metrics())
+            elif self.val_data is not None:
                 result = val_loss(model, self.val_data, ctx, max_tokens=self.val_tokens, seq_len=ctx.seq_len)
                 metrics.update(result.metrics())
             if self.hellaswag_items is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,25 +187,15 @@ class Trainer(TrainerSetup):
         self.schedule.apply()
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum):
-            x, y = self.loader.next_batch()  # (B, T) each
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = micro == self.grad_accum - 1
-            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) on the last micro-step only
-            # (torch DDP docs, no_sync; FSDP2's set_requires_gradient_sync).
-            if self.fsdp:
-                self.model.set_requires_gradient_sync(last)
-            sync = (
-                contextlib.nullcontext()
-                if last or not isinstance(self.train_model, DDP)
-                else self.train_model.no_sync()
-            )
-            with sync:
-                with autocast(self.device, self.amp_dtype):
-                    _, loss = self.train_model(x, y)
-                loss = loss / self.grad_accum  # the mean over micro-steps, like one big batch
-                self.scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
+        if self.chat is not None:
+            for micro, (x, y, weigh) in enumerate(self._chat_micro_batches()):
+                loss_sum += self._micro_step(x, y, micro == self.grad_accum - 1, weigh)
+        else:
+            for micro in range(self.grad_accum):
+                x, y = self.loader.next_batch()  # (B, T) each
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                # The mean over micro-steps, like one big batch.
+                loss_sum += self._micro_step(x, y, micro == self.grad_accum - 1, lambda loss: loss / self.grad_accum)
         totals = torch.stack([loss_sum, self._flags[self.stop.requested], self._flags[self._out_of_time()]])
         distributed.all_reduce_sum(totals)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
@@ -219,6 +209,45 @@ class Trainer(TrainerSetup):
         self.scaler.update()  # halves the scale after an overflow, grows it after a run of clean steps
         self.optimizer.zero_grad(set_to_none=True)
         return loss_mean, norm, stop, time_votes > 0
+
+    def _micro_step(
+        self, x: torch.Tensor, y: torch.Tensor, last: bool, weigh: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch, x and y (B, T) on the device; `weigh` turns the
+        model's loss (the mean over the batch's targets) into this micro-batch's share of the step's.
+        Returns that share, detached, float32."""
+        # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) on the last micro-step only
+        # (torch DDP docs, no_sync; FSDP2's set_requires_gradient_sync).
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or not isinstance(self.train_model, DDP) else self.train_model.no_sync()
+        with sync:
+            with autocast(self.device, self.amp_dtype):
+                _, loss = self.train_model(x, y)
+            loss = weigh(loss)
+            self.scaler.scale(loss).backward()
+        return loss.detach().float()
+
+    def _chat_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The step's micro-batches under the chat loss, each (x, y, weigh): the step's loss is the mean
+        over every learned target of the step, on all ranks and micro-batches, as one big batch's.
+
+        Micro-batches hold different numbers of learned targets n_i, so each one's mean loss is weighted
+        by n_i * W / N (N: the step's learned targets over all W ranks, one all-reduce of a device
+        scalar; DDP and FSDP average gradients over ranks, hence the W). A micro-batch without targets
+        adds nothing (its mean, 0 / 0, is replaced by 0)."""
+        batches = []
+        for _ in range(self.grad_accum):
+            x, y = self.loader.next_batch()  # (B, T) each
+            batches.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+        counts = torch.stack([(y != -1).sum() for _, y in batches]).float()  # (grad_accum,) learned targets
+        total = distributed.all_reduce_sum(counts.sum()).clamp(min=1)
+        weights = counts * self.env.world_size / total  # (grad_accum,)
+
+        def weigh_by(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda loss: torch.where(counts[i] > 0, loss, 0.0) * weights[i]
+
+        return [(x, y, weigh_by(i)) for i, (x, y) in enumerate(batches)]
 
     def _start_clock(self, started: float) -> None:
         """train.max_minutes from `started`; with optim.fit_schedule_to_time the schedule keeps pace with
