@@ -271,6 +271,10 @@ def load_model_and_tokenizer(
     else:
         found = resolve_checkpoint(name_or_path) if Path(name_or_path).expanduser().is_dir() else None
         tok = checkpoint_tokenizer(found) if found is not None else get_tokenizer()
+    if model.config.vocab_size != tok.n_vocab and Path(name_or_path).expanduser().is_dir():
+        from .hf import with_hf_chat_tokens  # a chat model exported to Hugging Face: its added tokens
+
+        tok = with_hf_chat_tokens(Path(name_or_path).expanduser(), tok)
     if model.config.vocab_size != tok.n_vocab:
         raise GPT2LabError(
             f"{name_or_path} has a vocabulary of {model.config.vocab_size} tokens but tokenizer {tok.name} has "

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .chat import ChatTemplate, template_of
 from .config import GPTConfig
 from .errors import GPT2LabError
 from .fileio import atomic_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_safetensors
@@ -34,6 +35,9 @@ CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weig
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# How an exported chat token is marked: special (never split, skipped by decode(skip_special_tokens)),
+# and matched exactly, without eating the whitespace around it.
+ADDED_TOKEN_FLAGS = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
 
 
 # ----------------------------------------------------------------------------- config
@@ -333,10 +337,13 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer, over
 
 def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, bytes]:
     """The files `AutoTokenizer.from_pretrained` reads: GPT-2's vocab.json + merges.txt, or for a trained
-    tokenizer the `tokenizers` JSON written when it was trained; plus the tokenizer configs."""
+    tokenizer the `tokenizers` JSON written when it was trained; plus the tokenizer configs. A chat
+    tokenizer's four tokens are added special tokens, and its template is the `chat_template`."""
     from .tokenizer import EOT_TEXT, HF_FILE, gpt2_data_dir
 
-    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    template = template_of(tokenizer)
+    tokenizer = tokenizer.base
+    special: dict[str, Any] = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     config = {"model_max_length": model_max_length, **special, "add_prefix_space": False, "add_bos_token": False}
     files: dict[str, bytes] = {}
     if tokenizer.path is None:
@@ -352,6 +359,35 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
             raise GPT2LabError(f"{tokenizer.path} has no {HF_FILE}; the tokenizer cannot be exported to Hugging Face")
         files[HF_FILE] = hf_json.read_bytes()
         config.update(tokenizer_class="PreTrainedTokenizerFast")
+    if template is not None:
+        added = [{"id": i, "content": text, **ADDED_TOKEN_FLAGS} for text, i in template.token_ids.items()]
+        if HF_FILE in files:  # the fast tokenizer reads its added tokens from tokenizer.json itself
+            hf = json.loads(files[HF_FILE])
+            hf["added_tokens"] = [t for t in hf.get("added_tokens") or [] if t["id"] < template.first_id] + added
+            files[HF_FILE] = (json.dumps(hf, ensure_ascii=False, indent=2) + "\n").encode()
+        else:
+            files["added_tokens.json"] = (json.dumps(template.token_ids, indent=2) + "\n").encode()
+        special["additional_special_tokens"] = list(template.token_ids)
+        config.update(
+            additional_special_tokens=list(template.token_ids),
+            added_tokens_decoder={str(t.pop("id")): t for t in added},
+            chat_template=template.hf_chat_template(),
+        )
     files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
     files["special_tokens_map.json"] = (json.dumps(special, indent=2) + "\n").encode()
     return files
+
+
+def with_hf_chat_tokens(folder: str | os.PathLike, base: Tokenizer) -> Tokenizer:
+    """`base` with the chat tokens, when the Hugging Face directory `folder` has them as added tokens
+    (as `export_hf` writes a chat model); else `base` unchanged."""
+    path = Path(folder) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        added = {t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return base
+    template = ChatTemplate.for_tokenizer(base)
+    if all(added.get(text) == i for text, i in template.token_ids.items()):
+        return template.tokenizer(base)
+    return base
