@@ -19,6 +19,7 @@ from .openmp import spin_briefly_before_torch
 COMMANDS = {
     "prepare": "prepare",
     "sample": "sample",
+    "chat": "chat",
     "convert": "convert",
     "tokenizer": "tokenizer",
     "eval": "eval",

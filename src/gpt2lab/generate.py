@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -244,15 +244,17 @@ def stream_text(
     *,
     sampling: SamplingParams = SamplingParams(),
     stats: GenerationStats | None = None,
+    end_tokens: Collection[int] = (),
 ) -> Iterator[str]:
     """Yield the continuation of one prompt as text, piece by piece, each piece ending on a whole
-    UTF-8 character (see TextStreamer). The stop token, if `sampling` names one, is not printed."""
+    UTF-8 character (see TextStreamer). The text ends at the stop token, if `sampling` names one, or at
+    any of `end_tokens` (a chat turn's end), none of which is printed."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     ids = ids or [tokenizer.eot_token]  # an empty prompt starts a new document
     streamer = TextStreamer(tokenizer)
     for nxt in generate_tokens(model, ids, max_new_tokens, sampling=sampling, stats=stats):
         token = int(nxt[0])
-        if token == sampling.stop_token:
+        if token == sampling.stop_token or token in end_tokens:
             break
         piece = streamer.push(token)
         if piece:
