@@ -362,3 +362,28 @@ def test_cli_reports_conversations_and_skipped_records(tmp_path, cli):
     )
     r = cli("prepare", src, "--out", tmp_path / "o2", "--format", "xml")
     assert r.code == 2 and "invalid choice: 'xml'" in r.err
+
+
+def test_a_complete_chat_directory_is_checked_on_rerun(tmp_path, cli):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in conversations(20)])
+    args = ("prepare", src, "--out", tmp_path / "out", "--no-progress", "--workers", "1", "--shard-tokens", "400")
+    assert cli(*args).code == 0
+    r = cli(*args)
+    assert r.code == 0 and "is already prepared" in r.out
+    entry = read_manifest(tmp_path / "out")["shards"][2]
+    mask = tmp_path / "out" / entry["mask"]
+    assert entry["tokens"] == 400
+    mask.write_bytes(mask.read_bytes()[:-1])
+    r = cli(*args)
+    assert r.code == 1 and r.err.strip() == (
+        f"gpt2lab prepare: error: {mask}: truncated: the header says 400 mask values (1424 bytes) but the file "
+        "has 1423 bytes; "
+        "run this command again with --overwrite to rebuild the shards"
+    )
+    mask.unlink()
+    r = cli(*args)
+    assert r.code == 1 and f"{mask} is listed in the manifest but missing" in r.err
+    assert cli(*args, "--overwrite").code == 0 and mask.is_file()
+    (tmp_path / "plain.txt").write_text("text")
+    r = cli("prepare", tmp_path / "plain.txt", "--out", tmp_path / "o", "--format", "chat")
+    assert r.code == 1 and r.err.count("\n") == 1 and "chat data must be JSONL, Parquet or hf: records" in r.err

@@ -446,6 +446,9 @@ def test_truncated_shard_in_a_prepared_directory_is_named(tmp_path, cli):
     shard.write_bytes(shard.read_bytes()[:-3])
     r = cli("prepare", tmp_path / "a.txt", "--out", out, "--no-progress")
     assert r.code == 1 and str(shard) in r.err and "truncated" in r.err and "--overwrite" in r.err
+    before = shard.stat().st_size
+    assert cli("prepare", tmp_path / "a.txt", "--out", out, "--no-progress", "--overwrite").code == 0  # as it says
+    assert shard.stat().st_size == before + 3 and shards.read_header(shard) == (before + 3 - 1024) // 2
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def remove_files(paths: list[Path]) -> None:
             path.unlink()
 
 
-def _listed_files(record: dict[str, Any]) -> list[str]:
+def listed_files(record: dict[str, Any]) -> list[str]:
     """Shard file names a manifest or progress record lists."""
     entries = [*record.get("shards", []), *(c["shard"] for c in record.get("chunks", []))]
     return [name for s in entries for name in (s["file"], s.get("mask")) if name]
@@ -262,7 +262,7 @@ def claim(
         else:
             what = f"is not empty (it has {others[0]}{' and more' if len(others) > 1 else ''})"
         raise GPT2LabError(f"{out} {what}; pass --overwrite to replace them, or choose another --out")
-    remove_files([out / name for record in (manifest, progress) if record for name in _listed_files(record)])
+    remove_files([out / name for record in (manifest, progress) if record for name in listed_files(record)])
     remove_files([manifest_path, progress_path])
     return "fresh", None
 

@@ -204,13 +204,9 @@ def _run(
     action, record = outdir.claim(out, fingerprint, identity, tok, options.overwrite)
     if action == "done":
         assert record is not None
-        outdir.verify_listed_shards(out, record)
-        leftover = outdir.read_json(out / outdir.PROGRESS_NAME)
-        if leftover:  # killed after the manifest was written, before the clean-up
-            pending = [c["shard"] for c in leftover["chunks"] if c["shard"]["split"] == "pending"]
-            outdir.remove_files([path for shard in pending for path in outdir.files_of(out, shard)])
-            outdir.remove_files([out / outdir.PROGRESS_NAME])
-        return PrepareResult(out, record, up_to_date=True)
+        if _complete(out, record, options.overwrite):
+            return PrepareResult(out, record, up_to_date=True)
+        action, record = "fresh", None
     if action == "resume" and record is not None and record.get("pieces") != PIECES_VERSION and record["end"] is None:
         if record.get("chunks"):
             note("the interrupted run was made by an older gpt2lab, which cuts documents differently: starting again")
@@ -238,6 +234,24 @@ def _run(
         tokenized = _stream(source, options, tok, out, progress, note)
     manifest = _finalize(out, options, progress)
     return PrepareResult(out, manifest, resumed_chunks=resumed, tokenized=tokenized)
+
+
+def _complete(out: Path, manifest: dict, overwrite: bool) -> bool:
+    """Whether the finished directory `out` is intact (its listed files present, whole); a damaged one is
+    an error, or with `overwrite` is cleared to be made again."""
+    try:
+        outdir.verify_listed_shards(out, manifest)
+    except GPT2LabError:
+        if not overwrite:
+            raise
+        outdir.remove_files([*(out / name for name in outdir.listed_files(manifest)), out / fmt.MANIFEST_NAME])
+        return False
+    leftover = outdir.read_json(out / outdir.PROGRESS_NAME)
+    if leftover:  # killed after the manifest was written, before the clean-up
+        pending = [c["shard"] for c in leftover["chunks"] if c["shard"]["split"] == "pending"]
+        outdir.remove_files([path for shard in pending for path in outdir.files_of(out, shard)])
+        outdir.remove_files([out / outdir.PROGRESS_NAME])
+    return True
 
 
 def _resume_point(source: Source, progress: dict, note: Callable[[str], None]) -> tuple[int, int, int, bool]:
