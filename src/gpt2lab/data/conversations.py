@@ -50,11 +50,10 @@ def conversation_pieces(record: Any, where: str, skipped: SkippedRecords) -> Ite
     """The record's conversation as one piece (its checked messages as JSON, starting a document), or
     nothing when the record is bad (counted in `skipped`)."""
     if not isinstance(record, dict) or MESSAGES_FIELD not in record:
-        what = (
-            f"fields: {', '.join(map(str, list(record)[:10])) or 'none'}"
-            if isinstance(record, dict)
-            else (f"a JSON {type(record).__name__}, not an object")
-        )
+        if isinstance(record, dict):
+            what = f"fields: {', '.join(map(str, list(record)[:10])) or 'none'}"
+        else:
+            what = f"a JSON {type(record).__name__}, not an object"
         skipped.add(where, f"no {MESSAGES_FIELD!r} field ({what})")
         return
     try:
