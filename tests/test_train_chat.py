@@ -186,3 +186,26 @@ def test_sft_config_loads_and_names_a_chat_loss():
     assert (cfg.train.init_from, cfg.train.loss) == ("gpt2", "assistant")
     assert 3e-5 <= cfg.optim.lr <= 1e-4 and 1000 <= cfg.train.max_steps <= 10000 and cfg.eval.every > 0
     assert get_tokenizer().n_vocab == 50257
+
+
+def test_chat_data_prepared_from_jsonl_trains(tmp_path):
+    from gpt2lab.data.prepare import PrepareOptions, prepare
+
+    conversations = sum_conversations(300, seed=3)
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations), encoding="utf-8")
+    prepare(PrepareOptions(source=str(source), out=tmp_path / "data", val_tokens=800, workers=1, progress=False))
+    loader = open_chat_loader(tmp_path / "data", "train", batch_size=4, seq_len=32)
+    tok = get_tokenizer()
+    bos = tok.eot_token
+    rows = [loader.row(k) for k in range(loader.rows_in_epoch)]
+    assert sum(x[0] == bos for x, _ in rows) >= len(rows) - 1  # a row starts a conversation (the split's first may not)
+    # Every learned target is a reply token or <|end|>: the template's mask, read back through prepare's files.
+    end = 50260  # <|end|>
+    replies = {
+        t for m in conversations for r in m if r["role"] == "assistant" for t in tok.encode_ordinary(r["content"])
+    }
+    learned = {int(t) for _, y in rows for t in y if t != -1}
+    assert learned <= replies | {end} and end in learned
+    run = train(chat_config(tmp_path / "data", tmp_path / "run", train={"max_steps": 2}), progress=False)
+    assert run.step == 2 and ckpt.read_meta(run.checkpoint)["chat_template"]["tokens"]["<|end|>"] == end
