@@ -1,6 +1,7 @@
 // The gpt2lab playground: streams completions from this server's /v1/completions (server-sent events),
-// one panel per model, each token tinted by its probability with its top-5 alternatives on hover, tap
-// or keyboard focus. Plain JS, nothing fetched from elsewhere, so it works offline.
+// one panel per model, or a conversation through /v1/chat/completions (chat mode); each token is tinted
+// by its probability with its top-5 alternatives on hover, tap or keyboard focus. Plain JS, nothing
+// fetched from elsewhere, so it works offline.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -200,41 +201,46 @@ function hideTip() {
   });
 }
 
+// Completion panels and chat replies hold tokens alike: one set of handlers for each container.
 const outputs = $("outputs");
-outputs.addEventListener("mouseover", (e) => { if (e.target.classList.contains("tok")) showTip(e.target); });
-outputs.addEventListener("mouseout", (e) => {
-  if (!e.target.classList.contains("tok")) return;
-  const focused = document.activeElement; // a tapped or keyboard-focused token keeps its tip
-  if (focused && focused.classList.contains("tok")) showTip(focused);
-  else hideTip();
-});
-outputs.addEventListener("focusin", (e) => {
-  const t = e.target;
-  if (!t.classList.contains("tok")) return;
-  t.parentElement.querySelectorAll('.tok[tabindex="0"]').forEach((s) => { if (s !== t) s.tabIndex = -1; });
-  t.tabIndex = 0; // Tab comes back to the token last looked at
-  showTip(t);
-});
-outputs.addEventListener("focusout", hideTip);
-outputs.addEventListener("click", (e) => { if (e.target.classList.contains("tok")) e.target.focus(); });
-outputs.addEventListener("keydown", (e) => {
-  const t = e.target;
-  if (!t.classList.contains("tok")) return;
-  if (e.key === "Escape") { hideTip(); t.blur(); return; }
-  const stops = Array.from(t.parentElement.querySelectorAll(".tok[tabindex]"));
-  const i = stops.indexOf(t);
-  const to = { ArrowRight: stops[i + 1], ArrowDown: stops[i + 1], ArrowLeft: stops[i - 1], ArrowUp: stops[i - 1],
-               Home: stops[0], End: stops[stops.length - 1] }[e.key];
-  if (to) { e.preventDefault(); moveFocus(t, to); }
-});
+for (const box of [outputs, $("conversation")]) {
+  box.addEventListener("mouseover", (e) => { if (e.target.classList.contains("tok")) showTip(e.target); });
+  box.addEventListener("mouseout", (e) => {
+    if (!e.target.classList.contains("tok")) return;
+    const focused = document.activeElement; // a tapped or keyboard-focused token keeps its tip
+    if (focused && focused.classList.contains("tok")) showTip(focused);
+    else hideTip();
+  });
+  box.addEventListener("focusin", (e) => {
+    const t = e.target;
+    if (!t.classList.contains("tok")) return;
+    t.parentElement.querySelectorAll('.tok[tabindex="0"]').forEach((s) => { if (s !== t) s.tabIndex = -1; });
+    t.tabIndex = 0; // Tab comes back to the token last looked at
+    showTip(t);
+  });
+  box.addEventListener("focusout", hideTip);
+  box.addEventListener("click", (e) => { if (e.target.classList.contains("tok")) e.target.focus(); });
+  box.addEventListener("keydown", (e) => {
+    const t = e.target;
+    if (!t.classList.contains("tok")) return;
+    if (e.key === "Escape") { hideTip(); t.blur(); return; }
+    const stops = Array.from(t.parentElement.querySelectorAll(".tok[tabindex]"));
+    const i = stops.indexOf(t);
+    const to = { ArrowRight: stops[i + 1], ArrowDown: stops[i + 1], ArrowLeft: stops[i - 1], ArrowUp: stops[i - 1],
+                 Home: stops[0], End: stops[stops.length - 1] }[e.key];
+    if (to) { e.preventDefault(); moveFocus(t, to); }
+  });
+}
 
-async function run(view, body) {
+// Stream one request into `view`; `take(view, choice)` adds a streamed choice's text and tokens. Returns
+// false when the request failed (the error is shown in the view), true when it finished or was stopped.
+async function run(view, path, body, take) {
   const ctl = new AbortController();
   running.push(ctl);
   const t0 = performance.now();
   let firstAt = null;
   try {
-    const resp = await fetch("/v1/completions", {
+    const resp = await fetch(path, {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: ctl.signal,
     });
     if (!resp.ok) throw new Error(await errorMessage(resp));
@@ -256,7 +262,7 @@ async function run(view, body) {
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices) {
           if (firstAt === null) firstAt = performance.now();
-          addChunk(view, choice.text, choice.logprobs);
+          take(view, choice);
           if (choice.finish_reason) view.finish = choice.finish_reason;
         }
         const secs = (performance.now() - t0) / 1000;
@@ -265,9 +271,11 @@ async function run(view, body) {
     }
     const ttft = firstAt === null ? "" : ` \u00b7 first token ${((firstAt - t0) / 1000).toFixed(2)} s`;
     view.stats.textContent += `${ttft} \u00b7 ${view.finish || "stopped"}`;
+    return true;
   } catch (err) {
     if (err.name === "AbortError") {
       view.stats.textContent += " \u00b7 stopped";
+      return true;
     } else {
       const div = document.createElement("div");
       div.className = "error";
@@ -275,6 +283,7 @@ async function run(view, body) {
       div.textContent = err.message;
       view.panel.append(div);
       if (/API key/i.test(err.message)) $("keybox").open = true;
+      return false;
     }
   } finally {
     running = running.filter((c) => c !== ctl);
@@ -286,41 +295,157 @@ function num(id) {
   return v === "" ? null : Number(v);
 }
 
-async function generate() {
-  if (running.length) return;
-  hideTip();
-  const compare = $("compare").checked;
-  const models = compare ? [$("model").value, $("model2").value] : [$("model").value];
+// The request's sampling fields, as the form sets them; an empty seed is drawn here, to be shown.
+function sampling() {
   let seed = num("seed");
-  if (seed === null) seed = Math.floor(Math.random() * 2 ** 31); // one seed for both panels
-  const views = models.map((m) => makePanel(m, seed));
-  outputs.className = compare ? "two" : "";
-  outputs.replaceChildren(...views.map((v) => v.panel));
-  $("generate").disabled = true;
-  $("stop").disabled = false;
-  setStatus("generating\u2026");
-  const body = {
-    prompt: $("prompt").value,
+  if (seed === null) seed = Math.floor(Math.random() * 2 ** 31);
+  return {
     temperature: num("temperature") ?? 1,
     top_k: num("top_k") || null,
     top_p: num("top_p") ?? 1,
     max_tokens: num("max_tokens") ?? 64,
     seed,
-    logprobs: 5,
     stream: true,
   };
-  await Promise.all(views.map((v) => run(v, { ...body, model: v.model })));
-  $("generate").disabled = false;
-  $("stop").disabled = true;
-  setStatus("done");
 }
 
-form.addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+function busy(on, status) {
+  for (const id of ["generate", "send", "clear"]) $(id).disabled = on;
+  $("stop").disabled = !on;
+  setStatus(status);
+}
+
+async function generate() {
+  if (running.length) return;
+  hideTip();
+  const compare = $("compare").checked;
+  const models = compare ? [$("model").value, $("model2").value] : [$("model").value];
+  const body = { prompt: $("prompt").value, ...sampling(), logprobs: 5 }; // one seed for both panels
+  const views = models.map((m) => makePanel(m, body.seed));
+  outputs.className = compare ? "two" : "";
+  outputs.replaceChildren(...views.map((v) => v.panel));
+  busy(true, "generating\u2026");
+  const take = (view, choice) => addChunk(view, choice.text, choice.logprobs);
+  await Promise.all(views.map((v) => run(v, "/v1/completions", { ...body, model: v.model }, take)));
+  busy(false, "done");
+}
+
+// -- chat mode ----------------------------------------------------------------------------------------
+
+let history = []; // the conversation so far, as /v1/chat/completions takes it: [{role, content}]
+
+function addTurn(role, who, content) {
+  const turn = document.createElement("div");
+  turn.className = `turn ${role}`;
+  const head = document.createElement("div");
+  head.className = "who";
+  const name = document.createElement("span");
+  name.textContent = who;
+  head.append(name);
+  const text = document.createElement("div");
+  text.className = "text";
+  text.textContent = content;
+  turn.append(head, text);
+  $("conversation").append(turn);
+  return { turn, head, text };
+}
+
+function makeReply(model, seed) {
+  const { turn, head, text } = addTurn("assistant", model, "");
+  const stats = document.createElement("span");
+  stats.className = "stats";
+  stats.textContent = `seed ${seed}`;
+  head.append(stats);
+  text.setAttribute("aria-label", `Reply from ${model}; arrow keys move between tokens`);
+  // As makePanel's view, plus the reply's text and where the UTF-8 decoding of its tokens stands.
+  return { panel: turn, text, stats, model, seed, tokens: 0, pos: 0, last: null, reply: "", utf8: { chars: 0, pending: 0 } };
+}
+
+// Where a token's text starts, in characters of the reply, from the token bytes chat's logprobs carry (the
+// server's text.py counts the same way): a character belongs to the token holding its first byte.
+function textOffset(utf8, bytes) {
+  const start = utf8.chars + (utf8.pending > 0 ? 1 : 0);
+  for (const b of bytes) {
+    if (utf8.pending > 0 && (b & 0xc0) === 0x80) {
+      utf8.pending -= 1;
+      if (utf8.pending === 0) utf8.chars += 1;
+      continue;
+    }
+    if (utf8.pending > 0) utf8.chars += 1; // an unfinished character, shown as U+FFFD
+    utf8.pending = b >= 0xf0 ? 3 : b >= 0xe0 ? 2 : b >= 0xc0 ? 1 : 0;
+    if (utf8.pending === 0) utf8.chars += 1;
+  }
+  return start;
+}
+
+// A chat chunk's choice in the completions' form addChunk takes: chat's logprobs.content becomes tokens,
+// token_logprobs, top_logprobs and text_offset.
+function takeChat(view, choice) {
+  const text = choice.delta.content || "";
+  const content = choice.logprobs ? choice.logprobs.content : [];
+  view.reply += text;
+  if (!text && !content.length) return;
+  const lp = {
+    tokens: content.map((t) => t.token),
+    token_logprobs: content.map((t) => t.logprob),
+    top_logprobs: content.map((t) => Object.fromEntries(t.top_logprobs.map((a) => [a.token, a.logprob]))),
+    text_offset: content.map((t) => textOffset(view.utf8, t.bytes)),
+  };
+  addChunk(view, text, lp);
+}
+
+async function send() {
+  const content = $("message").value;
+  if (running.length || !content.trim()) return;
+  hideTip();
+  const system = $("system").value.trim() ? [{ role: "system", content: $("system").value }] : [];
+  const messages = [...system, ...history, { role: "user", content }];
+  const body = { model: $("model").value, messages, ...sampling(), logprobs: true, top_logprobs: 5 };
+  const asked = addTurn("user", "You", content);
+  const view = makeReply(body.model, body.seed);
+  $("message").value = "";
+  busy(true, "replying\u2026");
+  if (await run(view, "/v1/chat/completions", body, takeChat)) {
+    history.push({ role: "user", content }, { role: "assistant", content: view.reply });
+  } else { // left out of the conversation; the message is back in the box to try again
+    asked.turn.classList.add("failed");
+    view.panel.classList.add("failed");
+    $("message").value = content;
+  }
+  busy(false, "done");
+}
+
+function clearChat() {
+  if (running.length) return;
+  hideTip();
+  history = [];
+  $("conversation").replaceChildren();
+  setStatus("");
+  $("message").focus();
+}
+
+function setMode() {
+  document.body.dataset.mode = $("mode-chat").checked ? "chat" : "completion";
+  hideTip();
+}
+
+form.addEventListener("submit", (e) => { e.preventDefault(); if (document.body.dataset.mode !== "chat") generate(); });
 form.addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    e.preventDefault();
+    if (document.body.dataset.mode === "chat") send(); else generate();
+  }
 });
+$("message").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
+});
+$("send").addEventListener("click", send);
+$("clear").addEventListener("click", clearChat);
+$("mode-completion").addEventListener("change", setMode);
+$("mode-chat").addEventListener("change", setMode);
 $("stop").addEventListener("click", () => running.forEach((c) => c.abort()));
 $("compare").addEventListener("change", () => { $("model2-field").hidden = !$("compare").checked; });
 $("model2").addEventListener("change", () => { $("model2").dataset.touched = "1"; });
 $("apikey").addEventListener("change", loadModels);
+setMode();
 loadModels();
