@@ -180,9 +180,9 @@ def test_the_kernel_changes_the_rounding_only(corpus, tmp_path, monkeypatch):
     assert a == pytest.approx(b, rel=1e-4)  # but the same training
 
 
-def test_small_models_are_packed_untimed(offline_env):
+def test_small_models_take_the_default_layout_untimed(offline_env):
     def refuse():
         raise AssertionError("a tiny model was timed")
 
-    assert tuning.packing_pays("float32 | 2 layers x 32 wide, vocab 300", 10**6, 1, refuse) is True
+    assert tuning.decode_layout("float32 | 2 layers x 32 wide, vocab 300", 10**6, 1, refuse) == tuning.DECODE_DEFAULT
     assert not (offline_env / "gpt2lab" / tuning.CACHE_NAME).exists()

@@ -1,5 +1,5 @@
 """Choosing CPU kernels by measuring them once per machine: the float32 loss kernel (loss.py) and
-whether decoding reads oneDNN-packed weights (packing.py).
+the layout decoding reads the weights in (packing.py).
 
 Which is fastest depends on the CPU itself, not only on its instruction set (docs/performance.md), so the
 first run of a shape times the candidates on random data (a few seconds) and writes the winner to
@@ -127,30 +127,28 @@ def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, toke
 
 # ------------------------------------------------------------------------------------------ decoding
 
-DECODE_MIN_BYTES = 64 * 2**20  # weights below which packing is kept untimed (tests' tiny models)
+DECODE_MIN_BYTES = 64 * 2**20  # weights below which the default layout is used untimed (tests' tiny models)
+DECODE_DEFAULT = "packed"  # for those small models, where it falls back to "plain" without oneDNN
+DECODE_REVISION = 2  # of the layouts in accel/packing.py: a change to them is measured afresh
 
 
 def decode_key(shape: str, batch_size: int) -> str:
-    return f"decode r{REVISION} | {_machine()} | {shape} | batch {batch_size}"
+    return f"decode r{DECODE_REVISION} | {_machine()} | {shape} | batch {batch_size}"
 
 
-def packing_pays(
-    shape: str, weight_bytes: int, batch_size: int, measure: Callable[[], dict[str, float]] | None
-) -> bool | None:
-    """Whether decoding with oneDNN-packed weights is faster on this machine than with the plain ones,
-    for a model described by `shape` (its sizes and dtype) at `batch_size`: True under DECODE_MIN_BYTES
-    of weights, else what the cache says; where it says nothing, None, or with `measure` (seconds of a
-    decoding step, {"packed": s, "plain": s}) the measured answer, which is then cached."""
+def decode_layout(shape: str, weight_bytes: int, batch_size: int, measure: Callable[[], dict[str, float]]) -> str:
+    """The weight layout (packing.py) that decodes fastest on this machine for a model described by
+    `shape` (its sizes and dtype) at `batch_size`: DECODE_DEFAULT under DECODE_MIN_BYTES of weights,
+    else what the cache says, else the fastest by `measure` (seconds of a decoding step per layout),
+    which is then cached."""
     if weight_bytes < DECODE_MIN_BYTES:
-        return True
+        return DECODE_DEFAULT
     path = cache_dir() / CACHE_NAME
     key = decode_key(shape, batch_size)
     entry = _read_cache(path).get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("packed"), bool):
-        return entry["packed"]
-    if measure is None:
-        return None
+    if isinstance(entry, dict) and isinstance(entry.get("layout"), str):
+        return entry["layout"]
     timings = measure()
-    pays = timings["packed"] < timings["plain"]
-    _remember(path, key, {"packed": pays, "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}})
-    return pays
+    best = min(timings, key=timings.get)
+    _remember(path, key, {"layout": best, "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}})
+    return best

@@ -48,7 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "its context shared by the 4 endings)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
-    p.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="weights dtype: float32 | bfloat16 | float16 | int8 (int8: 8-bit weights, CPU only; default: float32)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write every number, the model, data and method here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("hellaswag")
@@ -106,7 +110,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from .. import distributed
+    from .. import accel, distributed
     from ..checkpoint import load_model_and_tokenizer
     from ..eval.common import EvalContext
     from ..runtime import resolve_dtype
@@ -114,12 +118,10 @@ def run(args: argparse.Namespace) -> int:
     dist = distributed.setup(args.device)
     device = dist.device
     try:
-        model, tok = load_model_and_tokenizer(
-            args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer
-        )
-        from ..accel import pack_for_inference
-
-        pack_for_inference(model, 64)  # on a CPU, where packed weights are faster (gpt2lab/accel)
+        dtype = resolve_dtype(accel.inference_dtype(args.dtype))
+        model, tok = load_model_and_tokenizer(args.model, device=device, dtype=dtype, tokenizer=args.tokenizer)
+        accel.apply_inference_dtype(model, args.dtype)
+        accel.pack_for_inference(model, 64)  # on a CPU, the weights' fastest layout here (gpt2lab/accel)
         started = time.perf_counter()
         tasks = {"hellaswag": _hellaswag, "val-loss": _val_loss, "perplexity": _perplexity, "core": _core}
         task = tasks.get(args.task)
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 **report,
                 "run": {
                     "device": device.type,
-                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                    "dtype": "int8" if accel.is_int8(model) else str(dtype).removeprefix("torch."),
                     "world_size": dist.world_size,
                     "batch_size": args.batch_size,
                     "seconds": round(seconds, 3),

@@ -37,7 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $GPT2LAB_API_KEY, else none)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 | bfloat16 | float16 | int8 (int8: 8-bit weights, CPU only; default: float32)",
+    )
     p.add_argument(
         "--max-batch", type=int, default=8, metavar="N", help="sequences decoded together per model (default: 8)"
     )
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise GPT2LabError(INSTALL_HINT) from None
+    from .. import accel
     from ..runtime import resolve_device, resolve_dtype
     from ..serve.app import create_app
     from ..serve.engine import Engine
@@ -91,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     device = resolve_device(args.device)
     sock = bind(args.host, args.port)  # before loading: a taken port is reported at once
-    runners = load_runners(args.model, device, resolve_dtype(args.dtype), args.max_batch, args.tokenizer)
+    runners = load_runners(
+        args.model, device, resolve_dtype(accel.inference_dtype(args.dtype)), args.max_batch, args.tokenizer
+    )
+    for runner in runners:
+        accel.apply_inference_dtype(runner.model, args.dtype)
     engine = Engine(runners, max_queue=args.max_queue)
     app = create_app(engine, Limits(max_tokens=args.max_tokens, max_n=args.max_batch), api_key)
     host, port = sock.getsockname()[:2]

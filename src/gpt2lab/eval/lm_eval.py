@@ -237,18 +237,18 @@ class _HarnessMethods:
         if model is None:
             if pretrained is None:
                 raise GPT2LabError("the gpt2lab harness model needs pretrained=MODEL (a run, checkpoint or HF dir)")
+            from .. import accel
             from ..checkpoint import load_model_and_tokenizer
             from ..runtime import resolve_device, resolve_dtype
 
             model, tokenizer = load_model_and_tokenizer(
                 pretrained,
                 device=resolve_device(device or "auto"),
-                dtype=resolve_dtype(dtype or "float32"),
+                dtype=resolve_dtype(accel.inference_dtype(dtype or "float32")),
                 tokenizer=tokenizer,
             )
-            from ..accel import pack_for_inference
-
-            pack_for_inference(model, 64)  # on a CPU, where packed weights are faster (gpt2lab/accel)
+            accel.apply_inference_dtype(model, dtype or "float32")
+            accel.pack_for_inference(model, 64)  # on a CPU, the weights' fastest layout here (gpt2lab/accel)
         elif not isinstance(tokenizer, Tokenizer):
             from ..tokenizer import get_tokenizer
 

@@ -111,7 +111,7 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.context = model.config.block_size
-        accel.pack_for_inference(model, max_batch)  # on a CPU, where packed weights decode faster
+        accel.pack_for_inference(model, max_batch)  # on a CPU, the weights' fastest layout here (gpt2lab/accel)
         self.pool = new_pool(model, max_batch)
         self.free = list(range(max_batch - 1, -1, -1))
         self.waiting: collections.deque[Group] = collections.deque()

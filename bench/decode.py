@@ -1,0 +1,312 @@
+"""Decoding at the memory limit: gpt2lab in each inference mode beside transformers and llama.cpp, one run.
+
+GPT-2 124M with random weights (nothing downloaded), a 32-token prompt, then `--new-tokens` greedy tokens
+at batch `--batch`. Engines, all on the same threads in one process:
+
+- gpt2lab plain: the model as model.py writes it (what GPT2LAB_ACCEL=0 runs), float32;
+- gpt2lab float32 / bfloat16 / int8 (and float16 with `--modes`): `generate_tokens` after
+  `gpt2lab.accel` prepared the model (the weight layout measured fastest on this machine; int8 weights);
+- transformers float32: `GPT2LMHeadModel.generate` on the same weights;
+- llama.cpp f32 / f16 / q8_0 (batch 1 only): llama-cpp-python on GGUF files this script writes with
+  gpt2lab's own export (`gpt2lab.gguf.export_gguf`).
+
+The rate counts the decoding steps after the first token (the prompt's prefill is left out). Each
+engine is warmed up once, then timed `--repeats` times in turn, so that a change in the machine's load
+reaches every engine alike; the best run counts, since other work only ever adds time. Printed beside
+each rate: the bytes each token reads (every weight once), the ratio to llama.cpp at the same bytes
+per weight, and the fraction of the bandwidth limit, the machine's read bandwidth (measured here: the
+fastest of a `sum` and a vector-matrix product over as many bytes as the float32 weights) over the
+bytes per token. Also printed: the CPU, its features, and whether each engine's greedy tokens are the
+plain model's.
+
+    python bench/decode.py                         # batch 1, every engine (2-4 minutes on 2 cores)
+    python bench/decode.py --batch 8               # gpt2lab and transformers at batch 8
+    python bench/decode.py --quality RUN_OR_CHECKPOINT --text held_out.txt
+                                                   # bf16/float16/int8 against float32 on a trained model
+
+`--quality` prints, for each mode against float32 on the text's last `--quality-tokens` tokens: the
+largest logit difference, the top-1 agreement and the perplexity of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from machine import cpu_features, cpu_name  # bench/machine.py, beside this script
+
+# This script's folder holds gguf.py (a benchmark): off the path, `import gguf` finds the package.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+MODES = ("float32", "bfloat16", "float16", "int8")
+BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "f32": 4.0, "f16": 2.0,
+                    "q8_0": 34 / 32}  # fmt: skip
+PEER = {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}  # llama.cpp at the same bytes
+
+
+def best_seconds(fn: Callable[[], object], n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bandwidth(nbytes: int, rounds: int = 4) -> dict[str, float]:
+    """Bytes per second of reading `nbytes` of float32 (a `sum`; a vector times a (rows, 768) matrix,
+    the product decoding does), the fastest of `rounds` calls each."""
+    import torch
+
+    m = torch.randn(nbytes // 4 // 768, 768)
+    v = torch.randn(m.size(0))
+    with torch.inference_mode():
+        rates = {"sum": m.numel() * 4 / best_seconds(m.sum, rounds),
+                 "vector x matrix": m.numel() * 4 / best_seconds(lambda: v @ m, rounds)}  # fmt: skip
+    return rates
+
+
+def decode_rate(steps: Iterator[int]) -> tuple[float, list[int]]:
+    """Tokens per second over the steps after the first, and the tokens (of the first row)."""
+    tokens, times = [], []
+    for t in steps:
+        times.append(time.perf_counter())
+        tokens.append(t)
+    return (len(times) - 1) / (times[-1] - times[0]), tokens
+
+
+def gpt2lab_steps(model, prompt: list[int], n: int, batch: int) -> Iterator[int]:
+    from gpt2lab.generate import SamplingParams, generate_tokens
+
+    for token in generate_tokens(model, prompt, n, sampling=SamplingParams(temperature=0), num_samples=batch):
+        yield int(token[0])
+
+
+def hf_steps(hf, prompt: list[int], n: int, batch: int) -> Iterator[int]:
+    """transformers' generate, each new token taken as its streamer receives it (greedy, no stop)."""
+    import queue
+    import threading
+
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    got: queue.Queue = queue.Queue()
+
+    class Streamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:
+                got.put(int(value.reshape(-1)[0]))
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            got.put(None)
+
+    def run() -> None:
+        with torch.inference_mode():
+            hf.generate(torch.tensor([prompt] * batch), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                        pad_token_id=50256, streamer=Streamer())  # fmt: skip
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while (t := got.get()) is not None:
+        yield t
+    thread.join()
+
+
+def llama_steps(llm, prompt: list[int], n: int) -> Iterator[int]:
+    for i, token in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+        yield token
+        if i + 1 == n:
+            return
+
+
+def gpt2lab_engines(model, modes: list[str], prompt: list[int], n: int, batch: int) -> dict[str, Callable]:
+    """The plain model and one prepared copy per mode, each a function that returns its steps."""
+    import copy
+
+    import torch
+
+    from gpt2lab import accel
+    from gpt2lab.model import GPT
+
+    plain = GPT.from_state_dict(model.config, model.state_dict())  # the same tensors, never prepared
+    accel.pack_for_inference(plain, batch, layout="plain")  # kept plain by generate's own call too
+    engines = {"gpt2lab plain float32": lambda: gpt2lab_steps(plain, prompt, n, batch)}
+    for mode in modes:
+        if mode == "float32":
+            ours = model
+        elif mode == "int8":
+            ours = accel.quantize_int8(copy.deepcopy(model))
+        else:
+            ours = copy.deepcopy(model).to(getattr(torch, mode))
+        t0 = time.perf_counter()
+        layout = accel.pack_for_inference(ours, batch)  # measured once per machine, then cached
+        how = "int8 weights" if mode == "int8" else f"{layout} layout"
+        print(f"gpt2lab {mode}: {how}, prepared in {time.perf_counter() - t0:.1f} s")
+        engines[f"gpt2lab {mode}"] = lambda ours=ours: gpt2lab_steps(ours, prompt, n, batch)
+    return engines
+
+
+def llama_engines(model, types: list[str], prompt: list[int], n: int, tmp: Path) -> dict[str, Callable]:
+    import llama_cpp
+    import torch
+
+    from gpt2lab.gguf import export_gguf
+    from gpt2lab.tokenizer import get_tokenizer
+
+    engines = {}
+    threads = torch.get_num_threads()
+    for t in types:
+        path = export_gguf(model, tmp / f"gpt2-{t}.gguf", get_tokenizer(), t)
+        # The prompt goes in one token at a time (n_ubatch=1): on some CPUs (AMX) llama.cpp crashes on q8_0
+        # batches; the prefill is not in the rate, and decoding is one token per step anyway.
+        llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1, n_ubatch=1, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)  # fmt: skip
+        engines[f"llama.cpp {t}"] = lambda llm=llm: llama_steps(llm, prompt, n)
+    return engines
+
+
+def weight_bytes(model, per_weight: float) -> float:
+    """Bytes one decoding step reads: every matrix and vector once, the embeddings one row each."""
+    c = model.config
+    n = model.num_params(include_padding=True) - c.block_size * c.n_embd  # wte's one read is the head's
+    return n * per_weight
+
+
+def report(rates: dict[str, float], tokens: dict[str, list[int]], model, bandwidth: float) -> None:
+    print("\n| engine | bytes/weight | MB/token | tokens/s | vs llama.cpp same bytes | of the bandwidth limit "
+          "| same tokens as plain |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, rate in rates.items():
+        kind = name.split()[-1]
+        per = BYTES_PER_WEIGHT.get(kind, 4.0)
+        mb = weight_bytes(model, per)
+        peer = rates.get(f"llama.cpp {PEER[kind]}") if name.startswith("gpt2lab") and kind in PEER else None
+        vs = f"{rate / peer:.2f}x" if peer else ""
+        frac = rate * mb / bandwidth
+        same = tokens[name] == tokens["gpt2lab plain float32"]
+        print(f"| {name} | {per:.2f} | {mb / 1e6:.0f} | {rate:.1f} | {vs} | {frac:.0%} | {same} |")
+
+
+def speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from gpt2lab.config import GPTConfig
+    from gpt2lab.model import GPT
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    n = args.new_tokens
+    bw = read_bandwidth(int(weight_bytes(model, 4.0)))
+    bandwidth = max(bw.values())
+    print(f"{cpu_name()}, {cpu_features()}, {threads} threads, load average {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}; read bandwidth " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items()))
+    print(f"GPT-2 124M random weights, batch {args.batch}, prompt {args.prompt_tokens} tokens, {n} new tokens, greedy")
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = gpt2lab_engines(model, args.modes, prompt, n, args.batch)
+        if not args.no_transformers:
+            engines["transformers float32"] = transformers_engine(model, prompt, n, args.batch)
+        if args.batch == 1 and args.llama:
+            engines |= llama_engines(model, args.llama, prompt, n, Path(tmp))
+        tokens = {name: decode_rate(steps())[1] for name, steps in engines.items()}  # warm-up, tokens
+        rates = dict.fromkeys(engines, 0.0)
+        for _ in range(args.repeats):
+            for name, steps in engines.items():
+                rates[name] = max(rates[name], decode_rate(steps())[0])
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        report(rates, tokens, model, bandwidth)
+    limit = bandwidth / weight_bytes(model, 4.0)
+    print(f"\nfloat32 bandwidth limit: {bandwidth / 1e9:.1f} GB/s / {weight_bytes(model, 4.0) / 1e6:.0f} MB = "
+          f"{limit:.1f} tokens/s at batch 1")  # fmt: skip
+
+
+def transformers_engine(model, prompt: list[int], n: int, batch: int) -> Callable:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2lab.hf import config_to_hf, state_dict_to_hf
+
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config))).eval()
+    hf.load_state_dict(state_dict_to_hf(model), strict=False)
+    return lambda: hf_steps(hf, prompt, n, batch)
+
+
+def quality(args: argparse.Namespace) -> None:
+    """Each mode against float32 on held-out text: largest logit difference, top-1 agreement, perplexity."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from gpt2lab import accel
+    from gpt2lab.checkpoint import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.quality, device=torch.device("cpu"), dtype=torch.float32)
+    model.eval()
+    ids = tok.encode(Path(args.text).read_text(encoding="utf-8"))[-(args.quality_tokens + 1) :]
+    T = model.config.block_size
+    rows = (len(ids) - 1) // T
+    x = torch.tensor(ids[: rows * T]).view(rows, T)
+    y = torch.tensor(ids[1 : rows * T + 1]).view(rows, T)
+
+    def logits(m) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([m(x[i : i + 1])[0] for i in range(rows)]).float()  # (rows, T, V)
+
+    ref = logits(model)
+    ppl = math.exp(F.cross_entropy(ref.flatten(0, 1), y.flatten()).item())
+    print(f"{args.quality}: {rows} x {T} held-out tokens of {args.text}; float32 perplexity {ppl:.4f}")
+    print("| mode | max logit difference | top-1 agreement | perplexity | change |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for mode in [m for m in args.modes if m != "float32"]:
+        ours = copy.deepcopy(model)
+        ours = accel.quantize_int8(ours) if mode == "int8" else ours.to(getattr(torch, mode))
+        accel.pack_for_inference(ours, 1)
+        out = logits(ours)
+        p = math.exp(F.cross_entropy(out.flatten(0, 1), y.flatten()).item())
+        top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        print(f"| {mode} | {(out - ref).abs().max().item():.4f} | {top1:.2%} | {p:.4f} | {p / ppl - 1:+.2%} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=["float32", "bfloat16", "int8"], choices=MODES)
+    ap.add_argument("--llama", nargs="*", default=["f32", "f16", "q8_0"], help="llama.cpp's GGUF types; none: skip")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quality", metavar="MODEL", help="a trained model: compare the modes' outputs instead")
+    ap.add_argument("--text", help="held-out text for --quality")
+    ap.add_argument("--quality-tokens", type=int, default=4096)
+    args = ap.parse_args()
+
+    from gpt2lab.openmp import spin_briefly_before_torch
+
+    # torch's and llama.cpp's OpenMP thread teams share this process: idle threads of one must not spin on
+    # the cores the other is using (docs/performance.md, "Threads on a busy machine").
+    spin_briefly_before_torch()
+    if args.quality:
+        if not args.text:
+            sys.exit("--quality needs --text FILE, held-out text")
+        quality(args)
+    else:
+        with contextlib.suppress(KeyboardInterrupt):
+            speed(args)
+
+
+if __name__ == "__main__":
+    main()
