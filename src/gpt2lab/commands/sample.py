@@ -41,7 +41,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 | bfloat16 | float16 | int8 (int8: 8-bit weights, CPU only; default: float32)",
+    )
     p.add_argument(
         "--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the checkpoint's, or GPT-2's)"
     )
@@ -80,14 +84,15 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from .. import accel
     from ..checkpoint import load_model_and_tokenizer
     from ..generate import GenerationStats, generate, stream_text
     from ..runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    model, tok = load_model_and_tokenizer(
-        args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer
-    )
+    dtype = resolve_dtype(accel.inference_dtype(args.dtype))  # int8: float32, then quantized
+    model, tok = load_model_and_tokenizer(args.model, device=device, dtype=dtype, tokenizer=args.tokenizer)
+    accel.apply_inference_dtype(model, args.dtype)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_token]
     sampling = sampling_params(args, seed, None if args.ignore_eot else tok.eot_token)
