@@ -1,10 +1,12 @@
-"""Serve models over HTTP: OpenAI's completions API, batched decoding, and a web playground at /.
+"""Serve models over HTTP: OpenAI's completions and chat completions APIs, batched, with a web playground.
 
 Examples:
   gpt2lab serve --model gpt2
   gpt2lab serve --model mine=runs/shakespeare --model gpt2 --port 8080
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "gpt2", "prompt": "Hello, I am", "max_tokens": 20, "temperature": 0}'
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "sft", "messages": [{"role": "user", "content": "Hi!"}]}'   # a chat fine-tuned model
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ shutdown), the engine drops that group and keeps serving the others.
 
 Text and logprobs agree: a token is reported (in `logprobs`) with the event that releases the first
 character of its text, so tokens whose text is held back (it may still become a stop string) wait with
-it, and tokens cut off with a stop string, or `<|endoftext|>` itself, are never reported, as their
-text never is. Each token's `offset` is where its text starts in the choice's text.
+it, and tokens cut off with a stop string, or `<|endoftext|>` itself (or a chat reply's end token), are
+never reported, as their text never is. Each token's `offset` is where its text starts in the choice's text.
 """
 
 from __future__ import annotations
