@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import GPT2LabError
-from .sample import add_sampling_arguments, check_sampling, sampling_params
+from .sample import add_sampling_arguments, check_sampling, load_for_generation, sampling_params
 
 if TYPE_CHECKING:  # the chat template's module is light, but the model's needs torch: loaded in run
     from ..chat import ChatTemplate
@@ -125,13 +125,8 @@ def converse(
 def run(args: argparse.Namespace) -> int:
     check_sampling(args)
     from ..chat import template_of
-    from ..checkpoint import load_model_and_tokenizer
-    from ..runtime import resolve_device, resolve_dtype
 
-    device = resolve_device(args.device)
-    model, tok = load_model_and_tokenizer(
-        args.model, device=device, dtype=resolve_dtype(args.dtype), tokenizer=args.tokenizer
-    )
+    device, model, tok = load_for_generation(args)
     template = template_of(tok)
     if template is None:
         raise GPT2LabError(f"{args.model} has no chat template: fine-tune it on conversations first (docs/training.md)")

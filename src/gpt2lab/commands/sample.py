@@ -14,8 +14,12 @@ from typing import TYPE_CHECKING
 
 from ..errors import GPT2LabError
 
-if TYPE_CHECKING:  # generate imports torch: loaded where used
+if TYPE_CHECKING:  # these import torch: loaded where used
+    import torch
+
     from ..generate import SamplingParams
+    from ..model import GPT
+    from ..tokenizer import Tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,17 +86,24 @@ def _check(args: argparse.Namespace) -> None:
         raise GPT2LabError(f"--num-samples must be at least 1, got {args.num_samples}")
 
 
-def run(args: argparse.Namespace) -> int:
-    _check(args)
+def load_for_generation(args: argparse.Namespace) -> tuple[torch.device, GPT, Tokenizer]:
+    """The device, model and tokenizer that --model, --device, --dtype and --tokenizer ask for."""
     from .. import accel
     from ..checkpoint import load_model_and_tokenizer
-    from ..generate import GenerationStats, generate, stream_text
     from ..runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(accel.inference_dtype(args.dtype))  # int8: float32, then quantized
     model, tok = load_model_and_tokenizer(args.model, device=device, dtype=dtype, tokenizer=args.tokenizer)
     accel.apply_inference_dtype(model, args.dtype)
+    return device, model, tok
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from ..generate import GenerationStats, generate, stream_text
+
+    device, model, tok = load_for_generation(args)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_token]
     sampling = sampling_params(args, seed, None if args.ignore_eot else tok.eot_token)
