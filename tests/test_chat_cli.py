@@ -161,6 +161,7 @@ def test_a_model_never_chat_trained_is_one_line(cli, monkeypatch, ckpts):
     )
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_ends_the_chat_cleanly(ckpts):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt2lab", "chat", "--model", str(ckpts / "chat"), "--seed", "1"],
