@@ -264,3 +264,23 @@ def test_probabilities_are_the_models_own(server, models):
     assert first["logprob"] == pytest.approx(-z, abs=1e-5)
     assert [a["logprob"] for a in first["top_logprobs"]] == pytest.approx([-z, -z, -1 - z], abs=1e-5)
     assert json.dumps(out).count("<|end|>") == 2  # only as an alternative, never as a token
+
+
+def test_chat_and_completions_decode_together_each_as_alone(server):
+    """Continuous batching: replies that join and leave one running batch are the replies given alone."""
+    import concurrent.futures
+
+    url, _ = server
+    work = [("chat", body(seed=s, max_tokens=5 + 6 * s)) for s in range(5)]
+    work += [("complete", {"model": "chat", "prompt": p, "max_tokens": 9, "seed": 1}) for p in ["A", "B c", "D"]]
+
+    def one(item):
+        kind, b = item
+        out = chat(url, b) if kind == "chat" else complete(url, b)
+        c = out["choices"][0]
+        return c["message"]["content"] if kind == "chat" else c["text"]
+
+    alone = [one(item) for item in work]
+    with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
+        together = list(pool.map(one, work))
+    assert together == alone
