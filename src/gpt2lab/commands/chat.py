@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="a chat-trained gpt2lab checkpoint or run dir (or HF directory exported from one)",
+        help="a gpt2lab checkpoint or run dir fine-tuned on conversations (its checkpoint records the chat template)",
     )
     p.add_argument("--system", default=None, metavar="TEXT", help="a system prompt that opens the conversation")
     add_sampling_arguments(p)
