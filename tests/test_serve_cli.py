@@ -50,14 +50,15 @@ def test_the_playground_and_every_file_it_loads_are_served_with_their_types():
         assert "<title>gpt2lab playground</title>" in html
         links = re.findall(r'(?:src|href)="([^"]+)"', html)
         assets = sorted(a for a in links if not a.startswith("data:"))  # the empty favicon is inline
-        assert assets == ["/static/app.js", "/static/style.css"] and len(links) == 3
-        types = {"/static/app.js": "text/javascript; charset=utf-8", "/static/style.css": "text/css; charset=utf-8"}
+        assert assets == ["/static/app.js", "/static/chat.js", "/static/style.css"] and len(links) == 4
+        js, css = "text/javascript; charset=utf-8", "text/css; charset=utf-8"
+        types = {"/static/app.js": js, "/static/chat.js": js, "/static/style.css": css}
         static = resources.files("gpt2lab.serve") / "static"
         for path in assets:
             status, ctype, served = get(url, path)
             assert (status, ctype) == (200, types[path])
             assert served == (static / path.rsplit("/", 1)[1]).read_bytes()
-        for name in ["index.html", "app.js", "style.css"]:  # offline: nothing fetched from elsewhere
+        for name in ["index.html", "app.js", "chat.js", "style.css"]:  # offline: nothing fetched from elsewhere
             text = (static / name).read_text()
             assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
         for path in ["/static/nope.js", "/static/..%2Fapp.py", "/static/index.html", "/static/app"]:
