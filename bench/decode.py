@@ -12,12 +12,17 @@ at batch `--batch`. Engines, all on the same threads in one process:
 
 The rate counts the decoding steps after the first token (the prompt's prefill is left out). Each
 engine is warmed up once, then timed `--repeats` times in turn, so that a change in the machine's load
-reaches every engine alike; the best run counts, since other work only ever adds time. Printed beside
-each rate: the bytes each token reads (every weight once), the ratio to llama.cpp at the same bytes
-per weight, and the fraction of the bandwidth limit, the machine's read bandwidth (measured here: the
-fastest of a `sum` and a vector-matrix product over as many bytes as the float32 weights) over the
-bytes per token. Also printed: the CPU, its features, and whether each engine's greedy tokens are the
-plain model's.
+reaches every engine alike; the best run counts, since other work only ever adds time. The torch
+engines and llama.cpp run in two worker processes, one at a time, each with its own OpenMP runtime (in
+one process, the idle threads of one runtime would spin on the cores the other is using), both with
+the short spin `gpt2lab sample` sets (GOMP_SPINCOUNT=10000, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT
+is set).
+
+Printed beside each rate: the bytes each token reads (every weight once), the ratio to llama.cpp at the
+same bytes per weight, and the fraction of the bandwidth limit, the machine's read bandwidth (measured
+here: the fastest of a `sum` and a vector-matrix product over as many bytes as the float32 weights)
+over the bytes per token. Also printed: the CPU, its features, and for how many steps each engine's greedy
+tokens are the plain model's (all of them in float32; quantized weights part from them sooner or later).
 
     python bench/decode.py                         # batch 1, every engine (2-4 minutes on 2 cores)
     python bench/decode.py --batch 8               # gpt2lab and transformers at batch 8
@@ -31,19 +36,20 @@ largest logit difference, the top-1 agreement and the perplexity of both.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
+import random
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from machine import cpu_features, cpu_name  # bench/machine.py, beside this script
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # also in the worker processes, which start with this one's path
+from machine import cpu_features, cpu_name  # noqa: E402 - bench/machine.py, beside this script
 
 # This script's folder holds gguf.py (a benchmark): off the path, `import gguf` finds the package.
-HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 MODES = ("float32", "bfloat16", "float16", "int8")
@@ -158,78 +164,116 @@ def gpt2lab_engines(model, modes: list[str], prompt: list[int], n: int, batch: i
     return engines
 
 
-def llama_engines(model, types: list[str], prompt: list[int], n: int, tmp: Path) -> dict[str, Callable]:
-    import llama_cpp
+def torch_engines(opts: dict, tmp: Path) -> tuple[dict[str, Callable], dict]:
+    """The gpt2lab and transformers engines, the GGUF files for llama.cpp, and what to report."""
     import torch
 
+    from gpt2lab.config import GPTConfig
     from gpt2lab.gguf import export_gguf
+    from gpt2lab.model import GPT
     from gpt2lab.tokenizer import get_tokenizer
 
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    c = model.config
+    params = model.num_params(include_padding=True) - c.block_size * c.n_embd  # wte's one read is the head's
+    bw = read_bandwidth(params * 4)
+    print(f"{cpu_name()}, {cpu_features()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}; read bandwidth " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items()))
+    gguf = {t: str(export_gguf(model, tmp / f"gpt2-{t}.gguf", get_tokenizer(), t)) for t in opts["llama"]}
+    prompt, n, batch = opts["prompt"], opts["new_tokens"], opts["batch"]
+    engines = gpt2lab_engines(model, opts["modes"], prompt, n, batch)
+    if opts["transformers"]:
+        engines["transformers float32"] = transformers_engine(model, prompt, n, batch)
+    return engines, {"params": params, "bandwidth": max(bw.values()), "gguf": gguf}
+
+
+def llama_engines(opts: dict, gguf: dict[str, str]) -> dict[str, Callable]:
+    import llama_cpp
+
     engines = {}
-    threads = torch.get_num_threads()
-    for t in types:
-        path = export_gguf(model, tmp / f"gpt2-{t}.gguf", get_tokenizer(), t)
+    threads = opts["threads"]
+    for t, path in gguf.items():
         # The prompt goes in one token at a time (n_ubatch=1): on some CPUs (AMX) llama.cpp crashes on q8_0
         # batches; the prefill is not in the rate, and decoding is one token per step anyway.
-        llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1, n_ubatch=1, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)  # fmt: skip
-        engines[f"llama.cpp {t}"] = lambda llm=llm: llama_steps(llm, prompt, n)
+        llm = llama_cpp.Llama(path, n_ctx=1024, n_batch=1, n_ubatch=1, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)  # fmt: skip
+        engines[f"llama.cpp {t}"] = lambda llm=llm: llama_steps(llm, opts["prompt"], opts["new_tokens"])
+    print(f"llama-cpp-python {llama_cpp.__version__}, {threads} threads", flush=True)
     return engines
 
 
-def weight_bytes(model, per_weight: float) -> float:
-    """Bytes one decoding step reads: every matrix and vector once, the embeddings one row each."""
-    c = model.config
-    n = model.num_params(include_padding=True) - c.block_size * c.n_embd  # wte's one read is the head's
-    return n * per_weight
+def serve_engines(kind: str, opts: dict, arg: object, conn) -> None:
+    """A worker process: build the engines of `kind`, send their names (and what to report), then run
+    the engine named by each message and send back (tokens/s, tokens), until the message is None."""
+    engines, info = torch_engines(opts, Path(str(arg))) if kind == "torch" else (llama_engines(opts, arg), {})
+    sys.stdout.flush()
+    conn.send((list(engines), info))
+    while (name := conn.recv()) is not None:
+        conn.send(decode_rate(engines[name]()))
 
 
-def report(rates: dict[str, float], tokens: dict[str, list[int]], model, bandwidth: float) -> None:
+class Worker:
+    """A process that owns some engines and runs one when asked."""
+
+    def __init__(self, ctx, kind: str, opts: dict, arg: object) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=serve_engines, args=(kind, opts, arg, child), daemon=True)
+        self.process.start()
+        self.names, self.info = self.conn.recv()
+
+    def run(self, name: str) -> tuple[float, list[int]]:
+        self.conn.send(name)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(60)
+
+
+def report(rates: dict[str, float], tokens: dict[str, list[int]], params: int, bandwidth: float) -> None:
     print("\n| engine | bytes/weight | MB/token | tokens/s | vs llama.cpp same bytes | of the bandwidth limit "
-          "| same tokens as plain |")  # fmt: skip
+          "| greedy tokens as plain's |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, rate in rates.items():
         kind = name.split()[-1]
         per = BYTES_PER_WEIGHT.get(kind, 4.0)
-        mb = weight_bytes(model, per)
         peer = rates.get(f"llama.cpp {PEER[kind]}") if name.startswith("gpt2lab") and kind in PEER else None
         vs = f"{rate / peer:.2f}x" if peer else ""
-        frac = rate * mb / bandwidth
-        same = tokens[name] == tokens["gpt2lab plain float32"]
-        print(f"| {name} | {per:.2f} | {mb / 1e6:.0f} | {rate:.1f} | {vs} | {frac:.0%} | {same} |")
+        ref = tokens["gpt2lab plain float32"]
+        same = next((i for i, (a, b) in enumerate(zip(tokens[name], ref)) if a != b), len(ref))
+        print(f"| {name} | {per:.2f} | {params * per / 1e6:.0f} | {rate:.1f} | {vs} | "
+              f"{rate * params * per / bandwidth:.0%} | first {same} of {len(ref)} |")  # fmt: skip
 
 
 def speed(args: argparse.Namespace) -> None:
-    import torch
+    import multiprocessing
 
-    from gpt2lab.config import GPTConfig
-    from gpt2lab.model import GPT
-
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    model = GPT(GPTConfig()).eval()
-    prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    n = args.new_tokens
-    bw = read_bandwidth(int(weight_bytes(model, 4.0)))
-    bandwidth = max(bw.values())
-    print(f"{cpu_name()}, {cpu_features()}, {threads} threads, load average {os.getloadavg()[0]:.2f}")
-    print(f"torch {torch.__version__}; read bandwidth " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items()))
-    print(f"GPT-2 124M random weights, batch {args.batch}, prompt {args.prompt_tokens} tokens, {n} new tokens, greedy")
+    threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    prompt = random.Random(1).choices(range(50257), k=args.prompt_tokens)
+    opts = {"modes": args.modes, "llama": args.llama if args.batch == 1 else [], "prompt": prompt,
+            "transformers": not args.no_transformers, "new_tokens": args.new_tokens, "batch": args.batch,
+            "threads": threads}  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        engines = gpt2lab_engines(model, args.modes, prompt, n, args.batch)
-        if not args.no_transformers:
-            engines["transformers float32"] = transformers_engine(model, prompt, n, args.batch)
-        if args.batch == 1 and args.llama:
-            engines |= llama_engines(model, args.llama, prompt, n, Path(tmp))
-        tokens = {name: decode_rate(steps())[1] for name, steps in engines.items()}  # warm-up, tokens
-        rates = dict.fromkeys(engines, 0.0)
-        for _ in range(args.repeats):
-            for name, steps in engines.items():
-                rates[name] = max(rates[name], decode_rate(steps())[0])
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
-        report(rates, tokens, model, bandwidth)
-    limit = bandwidth / weight_bytes(model, 4.0)
-    print(f"\nfloat32 bandwidth limit: {bandwidth / 1e9:.1f} GB/s / {weight_bytes(model, 4.0) / 1e6:.0f} MB = "
+        workers = [Worker(ctx, "torch", opts, tmp)]
+        info = workers[0].info
+        if opts["llama"]:
+            workers.append(Worker(ctx, "llama", opts, info["gguf"]))
+        owner = {name: w for w in workers for name in w.names}
+        print(f"GPT-2 124M random weights, batch {args.batch}, prompt {args.prompt_tokens} tokens, "
+              f"{args.new_tokens} new tokens, greedy", flush=True)  # fmt: skip
+        tokens = {name: w.run(name)[1] for name, w in owner.items()}  # warm-up, and the tokens to compare
+        rates = dict.fromkeys(owner, 0.0)
+        for _ in range(args.repeats):  # in turn, so that a change in the machine's load reaches every engine
+            for name, w in owner.items():
+                rates[name] = max(rates[name], w.run(name)[0])
+        for w in workers:
+            w.close()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    report(rates, tokens, info["params"], info["bandwidth"])
+    limit = info["bandwidth"] / info["params"] / 4
+    print(f"\nfloat32 bandwidth limit: {info['bandwidth'] / 1e9:.1f} GB/s / {info['params'] * 4 / 1e6:.0f} MB = "
           f"{limit:.1f} tokens/s at batch 1")  # fmt: skip
 
 
@@ -294,18 +338,17 @@ def main() -> None:
     ap.add_argument("--quality-tokens", type=int, default=4096)
     args = ap.parse_args()
 
-    from gpt2lab.openmp import spin_briefly_before_torch
+    from gpt2lab.openmp import spin_briefly
 
-    # torch's and llama.cpp's OpenMP thread teams share this process: idle threads of one must not spin on
-    # the cores the other is using (docs/performance.md, "Threads on a busy machine").
-    spin_briefly_before_torch()
+    # As `gpt2lab sample` and `serve` run (docs/cpu.md, "Threads on a busy machine"); the worker processes
+    # inherit it, llama.cpp's OpenMP runtime too.
+    spin_briefly()
     if args.quality:
         if not args.text:
             sys.exit("--quality needs --text FILE, held-out text")
         quality(args)
     else:
-        with contextlib.suppress(KeyboardInterrupt):
-            speed(args)
+        speed(args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ COMMANDS = {
 }
 
 # The commands that train or evaluate, where torch computes on the CPU's OpenMP threads for long.
-OPENMP_COMMANDS = ("train", "eval")
+OPENMP_COMMANDS = ("train", "eval", "sample", "serve", "chat")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
