@@ -4,6 +4,7 @@ GPT-2 124M's shape with random weights (`torch.manual_seed(0)`, no Hub download:
 pass does not depend on what the weights are), float32 on CPU, served by `gpt2lab serve`'s own engine and
 app over real HTTP on 127.0.0.1. Each client streams (`stream: true`) a completion of a distinct
 `--prompt-tokens`-token prompt with `--new-tokens` new tokens, sampled at temperature 0.8 with its own seed.
+`--dtype bfloat16` or `int8` serves the model as `gpt2lab serve --dtype` does.
 
 1. One at a time: the 8 requests in turn; tokens/s = generated tokens / wall time.
 2. Concurrent: the 8 at once; tokens/s = generated tokens / time from the first request to the last
@@ -15,6 +16,7 @@ app over real HTTP on 127.0.0.1. Each client streams (`stream: true`) a completi
 
     python bench/serve.py
     python bench/serve.py --new-tokens 32 --probes 3     # shorter
+    python bench/serve.py --dtype int8
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-import torch
 from machine import cpu_features, cpu_name  # bench/machine.py, beside this script
 
 CLIENTS = 8
@@ -78,8 +79,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--probes", type=int, default=5)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="as gpt2lab serve's")
     args = ap.parse_args()
 
+    from gpt2lab.openmp import spin_briefly_before_torch
+
+    spin_briefly_before_torch()  # as `gpt2lab serve` runs (docs/cpu.md, "Threads on a busy machine")
+    import torch
+
+    from gpt2lab import accel
     from gpt2lab.config import GPTConfig
     from gpt2lab.model import GPT
     from gpt2lab.serve.app import create_app
@@ -92,8 +100,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, Python {platform.python_version()}")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2")).eval()  # random weights: no download
-    print(f"GPT-2 124M shape ({model.num_params() / 1e6:.0f}M parameters, random weights), float32, CPU; {CLIENTS} "
-          f"clients x {args.prompt_tokens}-token prompts x {args.new_tokens} new tokens, streaming")  # fmt: skip
+    model = accel.apply_inference_dtype(model.to(getattr(torch, accel.inference_dtype(args.dtype))), args.dtype)
+    print(f"GPT-2 124M shape ({model.num_params() / 1e6:.0f}M parameters, random weights), {args.dtype}, CPU; "
+          f"{CLIENTS} clients x {args.prompt_tokens}-token prompts x {args.new_tokens} new tokens, "
+          "streaming")  # fmt: skip
     tok = get_tokenizer()
     engine = Engine([ModelRunner("gpt2", model, tok, args.max_batch)], max_queue=64)
     app = create_app(engine, Limits(max_n=args.max_batch))
