@@ -29,7 +29,7 @@ tokens are the plain model's (all of them in float32; quantized weights part fro
     python bench/decode.py --quality RUN_OR_CHECKPOINT --text held_out.txt
                                                    # bf16/float16/int8 against float32 on a trained model
 
-`--quality` prints, for each mode against float32 on the text's last `--quality-tokens` tokens: the
+`--quality` prints, for each mode against float32 on the text's first `--quality-tokens` tokens: the
 largest logit difference, the top-1 agreement and the perplexity of both.
 """
 
@@ -299,7 +299,7 @@ def quality(args: argparse.Namespace) -> None:
 
     model, tok = load_model_and_tokenizer(args.quality, device=torch.device("cpu"), dtype=torch.float32)
     model.eval()
-    ids = tok.encode(Path(args.text).read_text(encoding="utf-8"))[-(args.quality_tokens + 1) :]
+    ids = tok.encode(Path(args.text).read_text(encoding="utf-8"))[: args.quality_tokens + 1]
     T = model.config.block_size
     rows = (len(ids) - 1) // T
     x = torch.tensor(ids[: rows * T]).view(rows, T)
