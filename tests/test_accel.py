@@ -166,3 +166,19 @@ def test_a_decoding_step_is_timed_in_every_layout_and_the_model_left_plain():
     assert set(timings) == ({"plain", "transposed", "packed"} if can_pack() else {"plain", "transposed"})
     assert all(0 < t < 5 for t in timings.values())
     assert copied_modules(model) == [] and accel.layout_of(model) == "plain"
+
+
+def test_a_transposed_copy_serves_every_batch_size_without_copying_again(fake_decode, monkeypatch):
+    assert accel.pack_for_inference(tiny_gpt(seed=1), 1) == "transposed" and fake_decode == [1]  # now cached
+    model = tiny_gpt()
+    assert accel.pack_for_inference(model, 3, layout="transposed") == "transposed"
+    copies = [m.copy for m in model.modules() if isinstance(m, TransposedLinear)]
+
+    def refuse(self, linear, batch_size):
+        raise AssertionError("copied again")
+
+    monkeypatch.setattr(TransposedLinear, "__init__", refuse)
+    assert accel.pack_for_inference(model, 1) == "transposed" and fake_decode == [1]  # the cache answers
+    assert [m.copy for m in model.modules() if isinstance(m, TransposedLinear)] == copies
+    assert accel.pack_for_inference(model, 5, layout="transposed") == "transposed"
+    assert {m.batch_size for m in model.modules() if isinstance(m, TransposedLinear)} == {5}

@@ -161,7 +161,11 @@ def pack_for_inference(model: GPT, batch_size: int, layout: str | None = None) -
         layout = _measured_layout(model, batch_size)
     elif settled and layout == layout_of(model):
         return layout
-    if layout not in _layouts(model) or not _use(model, layout, batch_size):
+    copied = [m for _, _, m in modules_of_type(model, _CopiedLinear)]  # a timing leaves the model plain
+    if copied and layout == "transposed" == layout_of(model) and all(m.fresh() for m in copied):
+        for m in copied:  # the same copy serves every batch size
+            m.batch_size = batch_size
+    elif layout not in _layouts(model) or not _use(model, layout, batch_size):
         layout = "plain"
         unpack(model)
     _chosen[model] = (batch_size, layout)
