@@ -4,6 +4,7 @@ by measurement, and GPT2LAB_ACCEL=0 leaves the plain model everywhere."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -182,3 +183,15 @@ def test_a_transposed_copy_serves_every_batch_size_without_copying_again(fake_de
     assert [m.copy for m in model.modules() if isinstance(m, TransposedLinear)] == copies
     assert accel.pack_for_inference(model, 5, layout="transposed") == "transposed"
     assert {m.batch_size for m in model.modules() if isinstance(m, TransposedLinear)} == {5}
+
+
+@pytest.mark.parametrize("layout", ["transposed", "packed"])
+def test_a_copy_of_a_laid_out_model_is_plain_and_tied(layout):
+    model = tiny_gpt()
+    accel.pack_for_inference(model, 2, layout=layout)
+    twin = copy.deepcopy(model)
+    assert copied_modules(twin) == [] and twin.lm_head.weight is twin.transformer.wte.weight
+    assert twin.lm_head.weight is not model.lm_head.weight
+    idx = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ puts the original modules back.
 
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 
@@ -53,6 +54,9 @@ class _CopiedLinear(nn.Module):
 
     def fresh(self) -> bool:
         return (self.weight.data_ptr(), self.weight._version) == self.copied_from
+
+    def __deepcopy__(self, memo: dict) -> nn.Linear:
+        return copy.deepcopy(self.plain, memo)  # a copy of the model is plain (oneDNN's copy cannot be copied)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and x.dtype == self.copy.dtype and x.device.type == "cpu" and self.fresh():
