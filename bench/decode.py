@@ -10,7 +10,8 @@ at batch `--batch`. Engines, all on the same threads in one process:
 - llama.cpp f32 / f16 / q8_0 (batch 1 only): llama-cpp-python on GGUF files this script writes with
   gpt2lab's own export (`gpt2lab.gguf.export_gguf`).
 
-The rate counts the decoding steps after the first token (the prompt's prefill is left out). Each
+The rate counts the decoding steps after the first token (the prompt's prefill is left out), times the
+batch for tokens/s. Each
 engine is warmed up once, then timed `--repeats` times in turn, so that a change in the machine's load
 reaches every engine alike; the best run counts, since other work only ever adds time. The torch
 engines and llama.cpp run in two worker processes, one at a time, each with its own OpenMP runtime (in
@@ -18,11 +19,12 @@ one process, the idle threads of one runtime would spin on the cores the other i
 the short spin `gpt2lab sample` sets (GOMP_SPINCOUNT=10000, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT
 is set).
 
-Printed beside each rate: the bytes each token reads (every weight once), the ratio to llama.cpp at the
-same bytes per weight, and the fraction of the bandwidth limit, the machine's read bandwidth (measured
-here: the fastest of a `sum` and a vector-matrix product over as many bytes as the float32 weights)
-over the bytes per token. Also printed: the CPU, its features, and for how many steps each engine's greedy
-tokens are the plain model's (all of them in float32; quantized weights part from them sooner or later).
+Printed beside each rate: the bytes each decoding step reads (every weight once), the ratio to
+llama.cpp at the same bytes per weight, and the fraction of the bandwidth limit, the machine's read
+bandwidth (measured here: the fastest of a `sum` and a vector-matrix product over as many bytes as the
+float32 weights) over the bytes per step. Also printed: the CPU, its features, and for how many steps
+each engine's greedy tokens are the plain model's (all of them in float32; quantized weights part from
+them sooner or later).
 
     python bench/decode.py                         # batch 1, every engine (2-4 minutes on 2 cores)
     python bench/decode.py --batch 8               # gpt2lab and transformers at batch 8
@@ -120,8 +122,9 @@ def hf_steps(hf, prompt: list[int], n: int, batch: int) -> Iterator[int]:
 
     def run() -> None:
         with torch.inference_mode():
-            hf.generate(torch.tensor([prompt] * batch), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                        pad_token_id=50256, streamer=Streamer())  # fmt: skip
+            ids = torch.tensor([prompt] * batch)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                        min_new_tokens=n, pad_token_id=50256, streamer=Streamer())  # fmt: skip
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -231,8 +234,9 @@ class Worker:
         self.process.join(60)
 
 
-def report(rates: dict[str, float], tokens: dict[str, list[int]], params: int, bandwidth: float) -> None:
-    print("\n| engine | bytes/weight | MB/token | tokens/s | vs llama.cpp same bytes | of the bandwidth limit "
+def report(rates: dict[str, float], tokens: dict[str, list[int]], params: int, bandwidth: float, batch: int) -> None:
+    """rates: decoding steps per second (a token for each of `batch` rows each)."""
+    print("\n| engine | bytes/weight | MB/step | tokens/s | vs llama.cpp same bytes | of the bandwidth limit "
           "| greedy tokens as plain's |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, rate in rates.items():
@@ -242,7 +246,7 @@ def report(rates: dict[str, float], tokens: dict[str, list[int]], params: int, b
         vs = f"{rate / peer:.2f}x" if peer else ""
         ref = tokens["gpt2lab plain float32"]
         same = next((i for i, (a, b) in enumerate(zip(tokens[name], ref)) if a != b), len(ref))
-        print(f"| {name} | {per:.2f} | {params * per / 1e6:.0f} | {rate:.1f} | {vs} | "
+        print(f"| {name} | {per:.2f} | {params * per / 1e6:.0f} | {rate * batch:.1f} | {vs} | "
               f"{rate * params * per / bandwidth:.0%} | first {same} of {len(ref)} |")  # fmt: skip
 
 
@@ -271,7 +275,7 @@ def speed(args: argparse.Namespace) -> None:
         for w in workers:
             w.close()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    report(rates, tokens, info["params"], info["bandwidth"])
+    report(rates, tokens, info["params"], info["bandwidth"], args.batch)
     limit = info["bandwidth"] / info["params"] / 4
     print(f"\nfloat32 bandwidth limit: {info['bandwidth'] / 1e9:.1f} GB/s / {info['params'] * 4 / 1e6:.0f} MB = "
           f"{limit:.1f} tokens/s at batch 1")  # fmt: skip
