@@ -17,7 +17,8 @@ reaches every engine alike; the best run counts, since other work only ever adds
 engines and llama.cpp run in two worker processes, one at a time, each with its own OpenMP runtime (in
 one process, the idle threads of one runtime would spin on the cores the other is using), both with
 the short spin `gpt2lab sample` sets (GOMP_SPINCOUNT=10000, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT
-is set).
+is set). The weight layouts are measured afresh in a temporary cache (`--cached`: take the ones
+gpt2lab's cache holds, as later runs of `gpt2lab sample` do).
 
 Printed beside each rate: the bytes each decoding step reads (every weight once), the ratio to
 llama.cpp at the same bytes per weight, and the fraction of the bandwidth limit, the machine's read
@@ -260,6 +261,8 @@ def speed(args: argparse.Namespace) -> None:
             "threads": threads}  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.cached:  # the workers measure the layouts afresh, as a first run on this machine
+            os.environ["GPT2LAB_CACHE"] = str(Path(tmp) / "cache")
         workers = [Worker(ctx, "torch", opts, tmp)]
         info = workers[0].info
         if opts["llama"]:
@@ -337,6 +340,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cached", action="store_true", help="take the layouts gpt2lab's cache holds (default: measure)")
     ap.add_argument("--quality", metavar="MODEL", help="a trained model: compare the modes' outputs instead")
     ap.add_argument("--text", help="held-out text for --quality")
     ap.add_argument("--quality-tokens", type=int, default=4096)

@@ -129,7 +129,7 @@ def fake_decode(monkeypatch):
     weights win at batch 1 and the packed ones at other sizes. The calls are counted."""
     calls = []
 
-    def timed(model, batch_size, rounds=3, context=32, layouts=packing.LAYOUTS):
+    def timed(model, batch_size, rounds=5, context=32, layouts=packing.LAYOUTS):
         assert copied_modules(model) == []  # timed from the plain model
         calls.append(batch_size)
         fast = "transposed" if batch_size == 1 else "packed"

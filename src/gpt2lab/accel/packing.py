@@ -186,7 +186,7 @@ def _measured_layout(model: GPT, batch_size: int) -> str:
 
 @torch.inference_mode()
 def time_decode_step(
-    model: GPT, batch_size: int, rounds: int = 3, context: int = 32, layouts: tuple[str, ...] = LAYOUTS
+    model: GPT, batch_size: int, rounds: int = 5, context: int = 32, layouts: tuple[str, ...] = LAYOUTS
 ) -> dict[str, float]:
     """Fastest seconds of one decoding step (a token per row after `context` cached ones) in each of
     `layouts` that this build of torch can make, taking turns; the model is left plain."""
