@@ -22,8 +22,8 @@ gpt2lab's cache holds, as later runs of `gpt2lab sample` do).
 
 Printed beside each rate: the bytes each decoding step reads (every weight once), the ratio to
 llama.cpp at the same bytes per weight, and the fraction of the bandwidth limit, the machine's read
-bandwidth (measured here: the fastest of a `sum` and a vector-matrix product over as many bytes as the
-float32 weights) over the bytes per step. Also printed: the CPU, its features, and for how many steps
+bandwidth (measured here: the fastest of a `sum` and three matrix-vector products over as many bytes
+as the float32 weights) over the bytes per step. Also printed: the CPU, its features, and for how many steps
 each engine's greedy tokens are the plain model's (all of them in float32; quantized weights part from
 them sooner or later).
 
@@ -71,16 +71,21 @@ def best_seconds(fn: Callable[[], object], n: int) -> float:
 
 
 def read_bandwidth(nbytes: int, rounds: int = 4) -> dict[str, float]:
-    """Bytes per second of reading `nbytes` of float32 (a `sum`; a vector times a (rows, 768) matrix,
-    the product decoding does), the fastest of `rounds` calls each."""
+    """Bytes per second of reading `nbytes` of float32 with torch's kernels on this machine's threads:
+    a `sum`, and the three ways a product with a 768-vector can read the same bytes as a matrix (the
+    fastest of `rounds` calls each; which is fastest depends on the CPU and the ISA torch may use)."""
     import torch
 
-    m = torch.randn(nbytes // 4 // 768, 768)
-    v = torch.randn(m.size(0))
+    m = torch.randn(nbytes // 4 // 768, 768)  # (R, 768)
+    v, u, x, w = torch.randn(768), torch.randn(m.size(0)), torch.randn(1, 768), m.view(768, -1)
+    ways = {
+        "sum": m.sum,
+        "matrix x vector": lambda: m @ v,  # (R,): a dot product per row
+        "vector x matrix": lambda: u @ m,  # (768,)
+        "row x (768, R)": lambda: x @ w,  # (1, R): as the transposed layout reads
+    }
     with torch.inference_mode():
-        rates = {"sum": m.numel() * 4 / best_seconds(m.sum, rounds),
-                 "vector x matrix": m.numel() * 4 / best_seconds(lambda: v @ m, rounds)}  # fmt: skip
-    return rates
+        return {name: m.numel() * 4 / best_seconds(fn, rounds) for name, fn in ways.items()}
 
 
 def decode_rate(steps: Iterator[int]) -> tuple[float, list[int]]:
