@@ -171,3 +171,13 @@ def test_an_int8_product_matches_f_linear_on_dequantized_weights_exactly_without
         pytest.skip("this build of torch has no weight-only int8 kernel")
     q, scales = quantize_rows(linear.weight)
     torch.testing.assert_close(y, F.linear(x, q.float() * scales[:, None], linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoding_commands_ask_for_the_short_openmp_spin(cli, monkeypatch, tmp_path):
+    import gpt2lab.cli as gpt2lab_cli
+
+    asked = []
+    monkeypatch.setattr(gpt2lab_cli, "spin_briefly_before_torch", lambda: asked.append(True))
+    assert cli("sample", "--model", tmp_path / "missing", "--device", "cpu").code != 0 and asked == [True]
+    assert cli("chat", "--model", tmp_path / "missing", "--device", "cpu").code != 0 and asked == [True, True]
+    assert gpt2lab_cli.OPENMP_COMMANDS == ("train", "eval", "sample", "serve", "chat")

@@ -7,8 +7,8 @@ are rounded to 8 bits at each call with one scale for the whole input, then mult
 llama.cpp's q8_0 also multiplies 8-bit activations. Where the CPU has no VNNI instructions, the kernel's
 16-bit sums of two 8-bit products could overflow, so there the activations keep 7 bits
 (`reduce_range`). The kernel that keeps float activations (`aten._weight_int8pack_mm`) streamed the
-weights several times slower on the CPUs measured (docs/performance.md, "Decoding"); it is the fallback
-for a build of torch without quantized tensors, which torch has deprecated.
+weights several times slower on the CPUs measured (docs/performance.md, "Decoding at the memory
+limit"); it is the fallback for a build of torch without quantized tensors, which torch has deprecated.
 
 Activations, the KV cache, the embeddings and the logits stay float32. An `Int8Linear` keeps the
 nn.Linear's float parameters too (same names, the same tied head, the same state dict), unread while

@@ -2,7 +2,8 @@
 
 Decoding multiplies a few rows by every weight of the model for each new token, so it is bound by
 reading the weights, and how fast a matrix-vector product streams them depends on their layout and the
-kernel that reads it (docs/performance.md, "Decoding"). Three layouts serve an nn.Linear's product:
+kernel that reads it (docs/performance.md, "Decoding at the memory limit"). Three layouts serve an
+nn.Linear's product:
 
 - "plain": nn.Linear's own (out, in) weight, multiplied through F.linear;
 - "transposed": a contiguous (in, out) copy, so the product reads the weight row after row (`addmm`);
