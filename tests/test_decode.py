@@ -125,6 +125,11 @@ def test_int8_through_the_python_api_decodes_and_keeps_the_parameters(wide):
     assert tokens[0] == tokens[1]
     agree = sum(a == b for a, b in zip(tokens[0], float_tokens[0]))
     assert agree >= 20, (tokens[0], float_tokens[0])  # 24 tokens: greedy paths may part near a tie
+    twin = copy.deepcopy(wide)
+    assert accel.is_int8(twin) and twin.lm_head.weight is twin.transformer.wte.weight
+    assert generate(twin, prompt, 24, sampling=GREEDY).tokens[0] == tokens[0]
+    with pytest.raises(ValueError, match="kernel must be 'dynamic' or 'weight-only', got 'int4'"):
+        Int8Linear(nn.Linear(4, 4), kernel="int4")
     accel.dequantize(wide)
     assert not accel.is_int8(wide) and generate(wide, prompt, 24, sampling=GREEDY).tokens == float_tokens
 

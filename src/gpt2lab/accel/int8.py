@@ -19,6 +19,7 @@ scale, so a row's logits depend, within the rounding, on the rows beside it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 
@@ -57,7 +58,8 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8Linear(nn.Module):
     """An nn.Linear's product with int8 weights (per-output-channel scales) and 8-bit activations:
-    (..., in) float32 -> (..., out) float32. Its `weight` and `bias` are the nn.Linear's, unread."""
+    (..., in) float32 -> (..., out) float32. Its `weight` and `bias` are the nn.Linear's (the weight
+    unread). kernel: "dynamic" or "weight-only", see the module's docstring."""
 
     def __init__(self, linear: nn.Linear, reduce_range: bool | None = None, kernel: str | None = None) -> None:
         super().__init__()
@@ -67,6 +69,8 @@ class Int8Linear(nn.Module):
         self.q, self.scales = quantize_rows(linear.weight)  # (out, in) int8, (out,)
         self.reduce_range = not has_vnni() if reduce_range is None else reduce_range
         self.kernel = kernel or ("dynamic" if dynamic_kernel_available() else "weight-only")
+        if self.kernel not in ("dynamic", "weight-only"):
+            raise ValueError(f"kernel must be 'dynamic' or 'weight-only', got {kernel!r}")
         if self.kernel == "dynamic":
             zeros = torch.zeros(self.q.size(0), dtype=torch.long)
             with warnings.catch_warnings():  # quantized tensors are deprecated: see the module's docstring
@@ -85,6 +89,9 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.float()
         return y.view(*x.shape[:-1], self.out_features)
+
+    def __deepcopy__(self, memo: dict) -> Int8Linear:
+        return Int8Linear(copy.deepcopy(self.plain, memo), self.reduce_range, self.kernel)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"

@@ -127,8 +127,8 @@ def choose_cpu_loss_kernel(n_embd: int, vocab_size: int, padded_vocab: int, toke
 
 # ------------------------------------------------------------------------------------------ decoding
 
-DECODE_MIN_BYTES = 64 * 2**20  # weights below which the default layout is used untimed (tests' tiny models)
-DECODE_DEFAULT = "packed"  # for those small models, where it falls back to "plain" without oneDNN
+DECODE_MIN_BYTES = 16 * 2**20  # weights below which the default layout is used untimed (tests' tiny models)
+DECODE_DEFAULT = "plain"  # for those: no copy, and oneDNN's packing made a small model slower on some CPUs
 DECODE_REVISION = 2  # of the layouts in accel/packing.py: a change to them is measured afresh
 
 
