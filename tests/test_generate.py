@@ -214,3 +214,18 @@ def test_generate_tokens_validates_arguments():
         SamplingParams(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0, got -0.5"):
         SamplingParams(temperature=-0.5)
+
+
+def test_an_empty_prompt_on_a_chat_model_starts_with_the_token_given():
+    from gpt2lab.chat import ChatTemplate
+
+    tok = get_tokenizer()
+    template = ChatTemplate.for_tokenizer(tok)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=template.n_vocab)).eval()
+    greedy = SamplingParams(temperature=0)
+    from_eot = generate(model, [tok.eot_token], 12, sampling=greedy)
+    assert generate(model, [], 12, sampling=greedy, new_document=tok.eot_token).tokens == from_eot.tokens
+    from_end = generate(model, [template.end_id], 12, sampling=greedy)  # the default: the last id
+    assert generate(model, [], 12, sampling=greedy).tokens == from_end.tokens
+    chat_tok = template.tokenizer(tok)
+    assert "".join(stream_text(model, chat_tok, "", 12, sampling=greedy)) == chat_tok.decode(from_eot.tokens[0])

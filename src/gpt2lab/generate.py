@@ -113,15 +113,20 @@ def generate_tokens(
     num_samples: int = 1,
     use_cache: bool = True,
     stats: GenerationStats | None = None,
+    new_document: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on the model's device, step by step.
 
     All samples share the prompt and are decoded as one batch; an empty prompt starts a new document
-    (<|endoftext|>), as `gpt2lab sample` and the server do. With `sampling.stop_token` set, decoding
+    (<|endoftext|>), as `gpt2lab sample` and the server do: `new_document` is its id, by default the
+    vocabulary's last (<|endoftext|> in every text vocabulary; a chat model's tokenizer has four chat
+    tokens after it, so pass `tokenizer.eot_token`). With `sampling.stop_token` set, decoding
     ends once every sample has produced it (samples that ended earlier keep being decoded meanwhile);
     any other stopping is the caller's choice: break out of the loop.
     """
     accel.pack_for_inference(model, num_samples)  # on a CPU, where packed weights decode faster
+    if len(prompt) == 0:  # a new document, as the CLI and the server start one
+        prompt = [model.config.vocab_size - 1 if new_document is None else new_document]
     yield from _decode(model, prompt, max_new_tokens, sampling, num_samples, use_cache, stats)
 
 
@@ -135,8 +140,6 @@ def _decode(
     use_cache: bool,
     stats: GenerationStats | None,
 ) -> Iterator[torch.Tensor]:
-    if len(prompt) == 0:  # a new document, as the CLI and the server start one
-        prompt = [model.config.vocab_size - 1]  # <|endoftext|>, the last token of every gpt2lab vocabulary
     if max_new_tokens < 0 or num_samples < 1:
         raise ValueError("max_new_tokens must be >= 0 and num_samples >= 1")
     device = model.device
@@ -201,15 +204,24 @@ def generate(
     sampling: SamplingParams = SamplingParams(),
     num_samples: int = 1,
     use_cache: bool = True,
+    new_document: int | None = None,
 ) -> Generation:
     """Generate up to `max_new_tokens` per sample. With `sampling.stop_token` set, a sample ends at
-    (and keeps) its first stop token, and decoding stops once every sample has ended."""
+    (and keeps) its first stop token, and decoding stops once every sample has ended. An empty prompt
+    starts with `new_document` (see `generate_tokens`)."""
     stats = GenerationStats()
     outs: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
     stop = sampling.stop_token
     for nxt in generate_tokens(
-        model, prompt, max_new_tokens, sampling=sampling, num_samples=num_samples, use_cache=use_cache, stats=stats
+        model,
+        prompt,
+        max_new_tokens,
+        sampling=sampling,
+        num_samples=num_samples,
+        use_cache=use_cache,
+        stats=stats,
+        new_document=new_document,
     ):
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
