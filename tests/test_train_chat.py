@@ -129,7 +129,9 @@ def test_accumulated_micro_batches_give_the_loss_and_update_of_one_big_batch(cha
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_chat_training_resumes_bit_for_bit(chat_dir, tmp_path, optimizer):
-    sections = dict(model={"dropout": 0.1}, data={"shuffle": True}, optim={"name": optimizer}, eval={"every": 3})
+    # Evaluating (val loss, and a reply sampled to the val data's first user message) changes no training.
+    evaluation = {"every": 3, "sample_tokens": 4}
+    sections = dict(model={"dropout": 0.1}, data={"shuffle": True}, optim={"name": optimizer}, eval=evaluation)
     straight = train(chat_config(chat_dir, tmp_path / "straight", **sections), progress=False)
     assert straight.step == 8
     part = train(chat_config(chat_dir, tmp_path / "resumed", **sections), stop_at=5, progress=False)
@@ -139,6 +141,11 @@ def test_chat_training_resumes_bit_for_bit(chat_dir, tmp_path, optimizer):
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
     a, b = weights(tmp_path / "straight", 8), weights(tmp_path / "resumed", 8)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in records if r["kind"] == "sample"]
+    first_user = next(m["content"] for m in sum_conversations(60, seed=2)[0] if m["role"] == "user")
+    assert [r["step"] for r in samples] == [3, 6, 8] and {r["prompt"] for r in samples} == {first_user}
+    assert not any("<|end|>" in r["text"] for r in samples)  # a reply ends at <|end|>, which is not shown
     losses = [loss for _, loss in train_losses(tmp_path / "straight")]
     assert losses[-1] < losses[0] - 0.5  # it learns
     # The checkpoint carries the chat template, so sample, chat and serve find it.

@@ -287,7 +287,9 @@ class TrainerSetup:
         if self.val_split is None:
             self.val_split = split_if_any(cfg.data.dir, "val", self.tokenizer)
         train_tokens = self.loader.loader.tokens
-        self.sample_prompt = sample_prompt(cfg.eval.sample_prompt, self.val_split, train_tokens, self.tokenizer)
+        self.sample_prompt = sample_prompt(
+            cfg.eval.sample_prompt, self.val_split, train_tokens, self.tokenizer, self.chat
+        )
         self.stop = StopRequest()
         self._deadline: float | None = None  # train.max_minutes after run() started (perf_counter)
         self._last_step_time = 0.0
@@ -403,7 +405,8 @@ class TrainerSetup:
         what += list(ev.tasks)
         if ev.sample_tokens:
             prompt = repr(self.sample_prompt) if self.sample_prompt else "a new document"
-            what.append(f"a {ev.sample_tokens}-token sample from {prompt}")
+            reply = "reply to the user's message " if self.chat is not None else "sample from "
+            what.append(f"a {ev.sample_tokens}-token {reply}{prompt}")
         return [
             f"model: {mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} wide, context {mc.block_size}: "
             f"{self.num_params:,} parameters ({start})",

@@ -24,6 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from .. import accel
+from ..chat import ChatTemplate
 from ..data import open_split_tokens
 from ..data.shards import TokenSequence
 from ..errors import GPT2LabError
@@ -113,18 +114,27 @@ class Evaluator:
         return metrics
 
 
-def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
-    """A continuation of `prompt` (temperature 0.8, top-k 200, fixed seed), decoded; the model's
-    mode is restored and the global RNGs are not touched (generation has its own generator)."""
+def sample_text(
+    model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int, chat: ChatTemplate | None = None
+) -> str:
+    """A continuation of `prompt` (temperature 0.8, top-k 200, fixed seed), decoded; with a chat template,
+    the reply to `prompt` as a user's first message, up to (without) `<|end|>`. The model's mode is
+    restored and the global RNGs are not touched (generation has its own generator)."""
     was_training = model.training
     model.eval()
+    stop = chat.end_id if chat is not None else None
     try:
-        ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
-        out = generate(model, ids, max_new_tokens, sampling=SamplingParams(temperature=0.8, top_k=200, seed=seed))
+        if chat is not None:
+            ids = chat.prompt_ids([{"role": "user", "content": prompt}], tokenizer)
+        else:
+            ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
+        sampling = SamplingParams(temperature=0.8, top_k=200, seed=seed, stop_token=stop)
+        out = generate(model, ids, max_new_tokens, sampling=sampling)
     finally:
         accel.unpack(model)  # generate may have packed weights for decoding; training runs on the plain ones
         model.train(was_training)
-    return tokenizer.decode(out.tokens[0])
+    tokens = out.tokens[0]
+    return tokenizer.decode(tokens[:-1] if stop is not None and tokens[-1:] == [stop] else tokens)
 
 
 def split_if_any(data_dir: str, split: str, tokenizer: Tokenizer) -> TokenSequence | None:
@@ -135,12 +145,27 @@ def split_if_any(data_dir: str, split: str, tokenizer: Tokenizer) -> TokenSequen
         return None
 
 
-def sample_prompt(prompt: str, val: TokenSequence | None, train: TokenSequence, tokenizer: Tokenizer) -> str:
+def sample_prompt(
+    prompt: str, val: TokenSequence | None, train: TokenSequence, tokenizer: Tokenizer, chat: ChatTemplate | None = None
+) -> str:
     """eval.sample_prompt as the loop samples from it: the text given, or for "auto" the first words of
-    the val split (of the train split where there is no val split)."""
+    the val split (of the train split where there is no val split); with a chat template, for "auto",
+    the first user message there."""
     if prompt != SAMPLE_PROMPT_FROM_DATA:
         return prompt
-    return data_prompt(val if val is not None else train, tokenizer)
+    tokens = val if val is not None else train
+    return first_user_message(tokens, tokenizer, chat) if chat is not None else data_prompt(tokens, tokenizer)
+
+
+def first_user_message(tokens: Any, tokenizer: Tokenizer, chat: ChatTemplate) -> str:
+    """The text of the first user message in the first PROMPT_SEARCH_TOKENS of chat data; "" if none."""
+    ids = [int(t) for t in tokens[:PROMPT_SEARCH_TOKENS]]
+    user = chat.role_ids["user"]
+    if user not in ids:
+        return ""
+    start = ids.index(user) + 1
+    end = ids.index(chat.end_id, start) if chat.end_id in ids[start:] else len(ids)
+    return tokenizer.decode(ids[start:end])
 
 
 def data_prompt(tokens: Any, tokenizer: Tokenizer) -> str:

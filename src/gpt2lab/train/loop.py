@@ -323,7 +323,7 @@ class Trainer(TrainerSetup):
             text = None
             if self.env.is_main and ev.sample_tokens:
                 seed = self.cfg.train.seed
-                text = sample_text(self.model, self.tokenizer, self.sample_prompt, ev.sample_tokens, seed)
+                text = sample_text(self.model, self.tokenizer, self.sample_prompt, ev.sample_tokens, seed, self.chat)
         if "val_loss" in metrics:
             self.last_val, self.val_step = metrics["val_loss"], self.counters.step
             self.counters.best_val_loss = min(self.counters.best_val_loss, metrics["val_loss"])
@@ -334,7 +334,8 @@ class Trainer(TrainerSetup):
             self._print(f"step {self.counters.step}: {describe(metrics)}")
         if text is not None:
             self._log({"kind": "sample", "step": self.counters.step, "prompt": self.sample_prompt, "text": text})
-            self._print(f"step {self.counters.step} sample: {self.sample_prompt}{text}")
+            shown = f"reply to {self.sample_prompt!r}: {text}" if self.chat is not None else self.sample_prompt + text
+            self._print(f"step {self.counters.step} sample: {shown}")
 
     def _save(self) -> None:
         """Checkpoint the state after `counters.step` steps (see train/checkpoint.py)."""
