@@ -1,5 +1,6 @@
-"""`gpt2lab train` and `gpt2lab eval` make idle OpenMP threads spin briefly (GOMP_SPINCOUNT=10000) before
-torch loads, unless the user chose a waiting policy (issue 23; docs/cpu.md, "Threads on a busy machine")."""
+"""`gpt2lab train`, `eval`, `sample`, `chat` and `serve` make idle OpenMP threads spin briefly
+(GOMP_SPINCOUNT=10000) before torch loads, unless the user chose a waiting policy (issue 23; docs/cpu.md,
+"Threads on a busy machine")."""
 
 from __future__ import annotations
 
