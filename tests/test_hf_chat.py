@@ -105,7 +105,9 @@ def test_the_export_reads_back_as_the_chat_model(gpt2_export, cli):
     assert back.config.vocab_size == 50261 and back_tok.n_vocab == 50261
     assert template_of(back_tok) == template_of(tok)
     idx = torch.tensor([template_of(tok).render(CONVERSATIONS[0], tok)[0]])
-    torch.testing.assert_close(logits(back, idx), logits(model, idx), rtol=0, atol=1e-6)
+    # float32 rounding: the reloaded output layer has the 50,261 real rows, not 50,304 padded ones, and
+    # AVX2 kernels round a product of another shape differently (AVX-512 ones gave equal bits)
+    torch.testing.assert_close(logits(back, idx), logits(model, idx), rtol=0, atol=1e-5)
     # and through convert --from-hf, to a gpt2lab checkpoint that records the template again
     r = cli("convert", "--from-hf", root / "hf2", "--out", root / "again")
     assert r.code == 0, r.err
