@@ -43,7 +43,7 @@ def chat_config(data_dir: Path, out: Path, **sections: dict):
     return tiny_config(data_dir, out, **base)
 
 
-def torchrun(config: Path, *args: str) -> None:
+def torchrun(config: Path, *args: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*cmd, "-m", "gpt2lab", "train", str(config), "--no-progress", *args],
@@ -53,6 +53,7 @@ def torchrun(config: Path, *args: str) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -82,7 +83,9 @@ def assert_same_run(a: Path, b: Path, step: int, tol: float = TOL) -> None:
 def test_ddp_on_two_ranks_equals_accumulation_in_one_process(chat_dir, tmp_path):
     train(chat_config(chat_dir, tmp_path / "one"), progress=False)
     (tmp_path / "ddp.toml").write_text(to_toml(chat_config(chat_dir, tmp_path / "two")))
-    torchrun(tmp_path / "ddp.toml")
+    out = torchrun(tmp_path / "ddp.toml")
+    assert f"next:          gpt2lab chat --model {tmp_path / 'two'}   gpt2lab plot" in out  # rank 0 alone says it
+    assert out.count("next:") == 1
     meta = ckpt.read_meta(ckpt.find_latest(tmp_path / "two"))["training"]
     assert (meta["world_size"], meta["grad_accum"]) == (2, 2)
     assert_same_run(tmp_path / "one", tmp_path / "two", 6)

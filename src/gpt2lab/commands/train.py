@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"checkpoint:    {result.checkpoint}")
     if result.interrupted:
         print("continue:      run the same command again with --resume auto")
-    print(f"next:          gpt2lab sample --model {result.run_dir} --prompt '...'   gpt2lab plot {result.run_dir}")
+    use = "chat --model {}" if cfg.train.loss == "assistant" else "sample --model {} --prompt '...'"
+    print(f"next:          gpt2lab {use.format(result.run_dir)}   gpt2lab plot {result.run_dir}")
     return 0
 
 
