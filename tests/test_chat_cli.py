@@ -175,4 +175,6 @@ def test_ctrl_c_ends_the_chat_cleanly(ckpts):
     assert header.startswith("gpt2lab chat: "), header
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert (proc.returncode, out, err) == (0, "\n", "")
+    # No traceback and exit 0. The newline that ends the prompt's line is written when the interrupt
+    # reaches the read; when a torch thread takes the signal, the read ends at the closed input instead.
+    assert (proc.returncode, err) == (0, "") and out in ("\n", "")
