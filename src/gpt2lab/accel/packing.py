@@ -18,6 +18,7 @@ puts the original modules back.
 
 from __future__ import annotations
 
+import abc
 import copy
 import time
 import weakref
@@ -32,7 +33,7 @@ from .tuning import decode_layout
 LAYOUTS = ("plain", "transposed", "packed")
 
 
-class _CopiedLinear(nn.Module):
+class _CopiedLinear(nn.Module, abc.ABC):
     """An nn.Linear's parameters and a copy of its weight in another layout, used by `forward` without
     autograd, on the CPU and in the copy's dtype while the weight is the one copied."""
 
@@ -47,11 +48,13 @@ class _CopiedLinear(nn.Module):
         self.copied_from = (linear.weight.data_ptr(), linear.weight._version)  # the weight as copied
         self.__dict__["plain"] = linear  # what `unpack` puts back; not a submodule
 
+    @abc.abstractmethod
     def make_copy(self, weight: torch.Tensor, batch_size: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight (out, in) in this layout."""
 
+    @abc.abstractmethod
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x @ weight.T + bias from the copy: (..., in) -> (..., out)."""
 
     def fresh(self) -> bool:
         return (self.weight.data_ptr(), self.weight._version) == self.copied_from

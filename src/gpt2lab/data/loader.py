@@ -7,6 +7,7 @@ tokens every `seq_len` tokens. Windows span shard boundaries, so no token is los
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ STATE_VERSION = 1
 BLOCK_WINDOWS = 1 << 16
 
 
-class LoaderPosition:
+class LoaderPosition(abc.ABC):
     """The saved position of a loader whose epochs are a pure function of (seed, epoch): the epoch and
     the number of windows (rows) consumed in it over all ranks, plus what must match on restore
     (`_identity()`: split, seq_len, seed, shuffle, shard names and sizes, ...). batch_size and
@@ -39,14 +40,17 @@ class LoaderPosition:
     def windows_per_step(self) -> int:
         return self.batch_size * self.world_size
 
+    @abc.abstractmethod
     def _identity(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What a saved position must match to be restored (split, seq_len, seed, the data, ...)."""
 
+    @abc.abstractmethod
     def _start_epoch(self) -> None:
-        raise NotImplementedError
+        """Lay out the current epoch's order of windows (rows) from (seed, epoch)."""
 
+    @abc.abstractmethod
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The next (x, y), each int64 of shape (batch_size, seq_len)."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
