@@ -210,6 +210,7 @@ def test_cli_exports_a_checkpoint_and_refuses_bad_input(cli, trained_tok, tmp_pa
 # 1e-3 of the logits' scale rather than to float32 rounding. q8_0: top-1 agreement and the mean
 # KL(gpt2lab || llama.cpp) over every position of the held-out text.
 F32_MAX_REL = 1e-3
+F32_MEDIAN_REL = 1e-5  # with the GELU llama.cpp computes (measured: 5e-6 of the largest logit)
 Q8_TOP1 = 0.9
 Q8_MEAN_KL = 1e-2
 TRICKY = "  Tabs\tand  spaces,\n\n\nnumbers 12345 and 3.14; don't won't they'll I'm — café, naïve, 東京! x  "
@@ -229,6 +230,23 @@ def spread_model(vocab_size: int) -> GPT:
             if p.dim() == 2:
                 p.mul_(5.0)
     return model
+
+
+class Float16TableGELU(torch.nn.Module):
+    """GELU as llama.cpp's CPU backend computes it (ggml's GGML_GELU_FP16): the input rounded to
+    float16, looked up in a table of float16 results; 0 below -10 and x above 10."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def with_float16_gelu(model: GPT) -> GPT:
+    copy = GPT(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    for block in copy.transformer.h:
+        block.mlp.gelu = Float16TableGELU()
+    return copy
 
 
 def llama(llama_cpp, path, **kwargs):
@@ -275,10 +293,19 @@ def test_llama_cpp_logits_and_greedy_tokens_match(llama_cpp, tok, tmp_path):
     f32 = llama(llama_cpp, export_gguf(model, tmp_path / "f32.gguf", tok, "f32"), logits_all=True)
     f32.eval(ids)
     got = torch.from_numpy(np.array(f32.scores[: len(ids)]))
-    diff = (got - expected).abs().max().item()
+    diff = (got - expected).abs()
     scale = expected.abs().max().item()
-    print(f"f32: max |logit difference| {diff:.2e} over {len(ids)} positions, logits up to {scale:.2f}")
-    assert diff <= F32_MAX_REL * scale
+    # llama.cpp's CPU GELU reads a table over float16 inputs and outputs: against a model that rounds
+    # GELU the same way, most of the difference goes (the rest is float16 roundings that float32's last
+    # bits tip one way or the other, amplified by this model's large weights).
+    table_diff = (got - logits(with_float16_gelu(model), ids)).abs()
+    for name, d in [("exact GELU", diff), ("llama.cpp's float16 GELU", table_diff)]:
+        print(
+            f"f32 against gpt2lab with {name}: max |logit difference| {d.max().item():.2e}, median "
+            f"{d.median().item():.2e}, over {len(ids)} positions with logits up to {scale:.2f}"
+        )
+    assert diff.max().item() <= F32_MAX_REL * scale
+    assert min(diff.median().item(), table_diff.median().item()) <= F32_MEDIAN_REL * scale
 
     # One token per step: on some CPUs (AMX) this llama.cpp crashes on q8_0 batches, whoever quantized.
     q8 = llama(llama_cpp, export_gguf(model, tmp_path / "q8.gguf", tok, "q8_0"), logits_all=True, n_batch=1, n_ubatch=1)
