@@ -1,6 +1,7 @@
 """CORE (nanochat's core_eval.py): prompts, few-shot draws, item order, truncation, scoring, centring."""
 
 import json
+import math
 import subprocess
 import sys
 import zipfile
@@ -126,8 +127,10 @@ def test_prepare_spans_and_truncation(tok):
     assert short.rows == tuple(r[-4:] for r in p.rows)
     assert short.starts == tuple(s - (len(r) - 4) for s, r in zip(p.starts, p.rows))
     assert short.ends == (4, 4)
-    with pytest.raises(GPT2LabError, match="nothing before its continuation fits the model's context of 2"):
-        core.prepare(items, 0, spec, tok, block_size=2)
+    # " eight nine" fills a context of 2 (its span starts at 0 and scores nothing); a context of 1 is too short.
+    assert core.prepare(items, 0, spec, tok, block_size=2).starts == (1, 0)
+    with pytest.raises(GPT2LabError, match="nothing before its continuation fits the model's context of 1"):
+        core.prepare(items, 0, spec, tok, block_size=1)
     schema = core.TaskSpec("s", "schema", "s.jsonl", 0, " ", 50.0)
     p = core.prepare(
         [{"context_options": ["A cat", "The big dog"], "continuation": "sat", "gold": 0}], 0, schema, tok, 64
@@ -148,6 +151,29 @@ def test_hand_computed_values_with_a_zero_model(tmp_path, models, tok):
     assert result.core == pytest.approx(((0.6 - 0.25) / 0.75 - 0.5 + 0.5) / 3)
     assert result.metrics() == {"core": result.core, "core_tasks": 3}
     assert result.to_dict()["per_task"]["lm_task"]["correct"] == 2
+
+
+def test_a_span_cut_to_fill_the_whole_context_has_a_nan_mean_as_in_nanochat(models, tok):
+    # nanochat scores a row's span [start, end) by the losses at [start - 1, end - 1). Cut to the model's 64
+    # positions, a row whose 64-token choice fills them starts at 0: the slice [-1, 63) is empty, its mean
+    # NaN. Python's min keeps a NaN that comes first and never picks a later one; every other row of the
+    # zero model has the mean ln(50257).
+    spec = core.TaskSpec("t", "multiple_choice", "t.jsonl", 0, "", 25.0)
+    long = " up" * 64  # 64 tokens
+    items = [{"query": "Pick one.", "choices": [" down", long], "gold": 1},
+             {"query": "Pick one.", "choices": [long, " down"], "gold": 0},
+             {"query": "Pick one.", "choices": [" down", long, " up"], "gold": 1}]  # fmt: skip
+    batch = [core.prepare(items, i, spec, tok, block_size=64) for i in range(3)]
+    assert [p.starts for p in batch] == [(4, 0), (0, 4), (4, 0, 4)]  # <|endoftext|> "Pick" " one" "." shared
+    model = zero_model(models)
+    r, losses, _, _ = core._losses_and_predictions(model, batch, torch.device("cpu"), None)
+    assert r.tolist() == [0, 3, 4, 6]  # one scored token in each short row, none in the long ones
+    assert losses.tolist() == pytest.approx([math.log(50257)] * 4)
+    # means [ln V, nan] -> row 0 (gold 1: wrong); [nan, ln V] -> row 0 (right); [ln V, nan, ln V] -> row 0 (wrong)
+    assert core.score_batch(model, batch, "multiple_choice", torch.device("cpu")) == [False, True, False]
+    lm = core.TaskSpec("l", "language_modeling", "l.jsonl", 0, "", 0.0)
+    with pytest.raises(GPT2LabError, match="context of 64"):  # nanochat's LM check fails on an empty slice
+        core.prepare([{"context": "Pick one.", "continuation": long}], 0, lm, tok, block_size=64)
 
 
 def brute_force(model, tok, bundle):

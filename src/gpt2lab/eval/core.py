@@ -18,8 +18,11 @@ Three kinds of task, each rendered exactly as nanochat's templates render it:
     language_modeling  right when greedy decoding (argmax at every position) gives the continuation exactly
 
 Every prompt is encoded with `<|endoftext|>` in front; a row longer than the model's context keeps its
-last tokens. A task's accuracy is centred on its random baseline b (percent): (acc - b/100) / (1 - b/100),
-and CORE is the mean of the centred accuracies.
+last tokens. nanochat scores a row's tokens [start, end) by the losses at [start - 1, end - 1); a row
+whose span is empty, or is cut to fill the whole context (start 0, so that slice is [-1, end - 1), empty
+too), has a NaN mean, which `min` never picks unless it comes first. A task's accuracy is centred on
+its random baseline b (percent): (acc - b/100) / (1 - b/100), and CORE is the mean of the centred
+accuracies.
 
 Under torchrun rank r scores items r, r + W, ... of each task and the right/wrong marks are all-reduced.
 """
@@ -278,14 +281,16 @@ class Prepared:
     """One item as token rows, each with the span [start, end) of tokens that is scored."""
 
     rows: tuple[tuple[int, ...], ...]
-    starts: tuple[int, ...]
+    starts: tuple[int, ...]  # 0 where the span fills the whole (cut) row: nothing is scored there
     ends: tuple[int, ...]
     gold: int  # the right row (multiple choice, schema); -1 for language modelling
 
 
 def prepare(items: Sequence[dict[str, Any]], index: int, spec: TaskSpec, tokenizer, block_size: int) -> Prepared:
     """Item `index` of a task rendered, tokenized with <|endoftext|> first, its scored spans found and
-    its rows cut to `block_size` tokens from the left."""
+    its rows cut to `block_size` tokens from the left. A multiple-choice or schema row whose span is cut
+    to start at 0 stays (nanochat gives it a NaN mean); a span longer than the context, or a language-
+    modelling continuation that fills it, is an error (nanochat's assertion or shape mismatch)."""
     item, where = items[index], f"{spec.label} item {index}"
     try:
         prompts = RENDER[spec.task_type](item, spec.delimiter, fewshot_examples(items, index, spec.num_fewshot))
@@ -305,7 +310,8 @@ def prepare(items: Sequence[dict[str, Any]], index: int, spec: TaskSpec, tokeniz
             raise GPT2LabError(f"{where}: the prompt without its continuation does not tokenize as a prefix of it")
         rows, starts, ends = [with_continuation], [len(without)], [len(with_continuation)]
     cut = [max(0, len(r) - block_size) for r in rows]
-    if any(s - c < 1 for s, c in zip(starts, cut)):
+    least = 1 if spec.task_type == "language_modeling" else 0
+    if any(s - c < least for s, c in zip(starts, cut)):
         raise GPT2LabError(f"{where}: nothing before its continuation fits the model's context of {block_size}")
     return Prepared(
         tuple(tuple(r[c:]) for r, c in zip(rows, cut)),
@@ -332,8 +338,9 @@ def _losses_and_predictions(
     starts = torch.tensor([s for p in batch for s in p.starts])  # (R,)
     ends = torch.tensor([e for p in batch for e in p.ends])  # (R,)
     pos = torch.arange(idx.size(1))  # (T,)
-    # Position p predicts token p + 1: the tokens [start, end) are predicted at [start - 1, end - 1).
-    scored = (pos >= (starts - 1).unsqueeze(1)) & (pos < (ends - 1).unsqueeze(1))  # (R, T)
+    # Position p predicts token p + 1: the tokens [start, end) are predicted at [start - 1, end - 1); a row
+    # whose span starts at 0 scores nothing (nanochat's slice [-1, end - 1) is empty).
+    scored = (pos >= (starts - 1).unsqueeze(1)) & (pos < (ends - 1).unsqueeze(1)) & (starts > 0).unsqueeze(1)  # (R, T)
     r, c = scored.nonzero(as_tuple=True)  # (N,) each
     targets = idx[r, c + 1].to(device)  # (N,)
     idx, r_dev, c_dev = idx.to(device), r.to(device), c.to(device)
@@ -357,8 +364,9 @@ def score_batch(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[bool]:
     """Whether each item of `batch` is answered right: for multiple choice and schema the row with the
-    lowest mean loss over its span is the gold one (the first such row on a tie, and a row whose span is
-    empty has a NaN mean, as nanochat gets it); for language modelling every argmax is the next token."""
+    lowest mean loss over its span is the gold one (the first such row on a tie; a row whose span is
+    empty or starts at 0 has a NaN mean, as nanochat gets it); for language modelling every argmax is the
+    next token."""
     r, losses, predictions, targets = _losses_and_predictions(gpt, batch, device, autocast_dtype)
     out, row = [], 0
     for p in batch:
