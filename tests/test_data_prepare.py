@@ -139,7 +139,7 @@ def test_directory_of_text_files(tmp_path, tok):
 
 
 def test_split_on_and_utf8_across_read_blocks(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr("gpt2lab.data.sources.READ_BYTES", 5)  # separators and characters straddle reads
+    monkeypatch.setattr("gpt2lab.data.sources.files.READ_BYTES", 5)  # separators and characters straddle reads
     docs = ["première ligne", "naïve café ☕", "", "last one\n"]
     (tmp_path / "a.txt").write_text("\n\n".join(docs), encoding="utf-8")
     m = run(tmp_path / "a.txt", tmp_path / "out", split_on="\n\n").manifest

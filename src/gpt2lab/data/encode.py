@@ -1,6 +1,6 @@
 """Tokenizing the piece stream, in order, on worker processes.
 
-Pieces (see sources.py) are grouped into *tasks* of about `task_chars` characters. The grouping depends
+Pieces (see sources/base.py) are grouped into *tasks* of about `task_chars` characters. The grouping depends
 only on the piece stream, so task k is the same text in every run: `gpt2lab prepare` records task
 numbers to resume from, and 1 or N workers produce the same tokens. Results come back in task order.
 Chat data (conversations.py) comes back as tokens and a loss mask, rendered by the chat template.
