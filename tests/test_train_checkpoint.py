@@ -23,10 +23,6 @@ from gpt2lab.train.build import empty_model
 from gpt2lab.train.checkpoint import (
     OPTIMIZER_FILE,
     TRAINER_FILE,
-    Counters,
-    ModelState,
-    OptimizerState,
-    RNGState,
     is_training_checkpoint,
     load_training_checkpoint,
     prune_checkpoints,
@@ -35,6 +31,7 @@ from gpt2lab.train.checkpoint import (
 )
 from gpt2lab.train.config import OptimSection
 from gpt2lab.train.optim import Schedule, build_optimizer, lr_at
+from gpt2lab.train.state import Counters, ModelState, OptimizerState, RNGState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,20 +27,13 @@ from ..metrics import MetricsWriter, peak_flops, truncate_metrics
 from ..model import GPT
 from ..runtime import autocast_dtype, deterministic_cublas, keep_freed_memory, needs_grad_scaler, seed_everything
 from ..tokenizer import Tokenizer, get_tokenizer
-from .checkpoint import (
-    Checkpointer,
-    Counters,
-    RNGState,
-    find_resume,
-    load_training_checkpoint,
-    model_and_optimizer_states,
-    remove_stale_temporaries,
-)
+from .checkpoint import Checkpointer, find_resume, load_training_checkpoint, remove_stale_temporaries
 from .config import TrainConfig, to_toml
 from .evaluate import EvalTask, Evaluator, sample_prompt, split_if_any
 from .optim import Schedule, build_optimizer
 from .parallel import check_fsdp_supported, enable_activation_checkpointing, shard_model
 from .signals import StopRequest
+from .state import Counters, RNGState, model_and_optimizer_states
 from .wandb_log import WandbRun
 
 
