@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from serve_utils import chat, chat_tokenizer, running_server, tiny_chat_model, tiny_model
+from serve_utils import chat, chat_tokenizer, request, running_server, tiny_chat_model, tiny_model
 
 # Skips this module as it skips itself, without Chromium or Playwright; `browser` is its fixture.
 from test_serve_playground import SHOWN, Page, browser, expect, expected_rows, pct, tip_rows  # noqa: F401
@@ -149,3 +149,32 @@ def test_token_offsets_come_from_the_token_bytes(server, browser):  # noqa: F811
         chunks,
     )
     assert spans == ["a \U0001f917 b", [["a", "0"], [" \U0001f917", "-1"], ["", None], ["", None], [" b", "-1"]]]
+
+
+def test_the_oldest_turns_are_left_out_when_the_context_is_full(server, browser):  # noqa: F811
+    """The tiny model's context is 64 tokens and each reply 16: the third message no longer fits with the
+    whole conversation, so the page sends it without the first turn (as `gpt2lab chat` trims), and the
+    reply is the API's for that shorter conversation."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    open_chat(page, server)
+    said = ["Hello there.", "And then?", "Tell me more about it."]
+    history: list[dict[str, str]] = []
+    for text in said[:2]:
+        say(page, text)
+        asked = [*history, {"role": "user", "content": text}]
+        history = [*asked, {"role": "assistant", "content": api_reply(server, asked)["message"]["content"]}]
+    whole = [{"role": "system", "content": SYSTEM}, *history, {"role": "user", "content": said[2]}]
+    body = {"model": "talker", "max_tokens": 16, "messages": whole}
+    status, out = request(server, "POST", "/v1/chat/completions", body)
+    assert (status, out["error"]["code"]) == (400, "context_length_exceeded")  # why the page must leave turns out
+    say(page, said[2])
+    reply = api_reply(server, [*history[2:], {"role": "user", "content": said[2]}])["message"]["content"]
+    assert turns(page) == [
+        ("turn user dropped", said[0]),
+        ("turn assistant dropped", history[1]["content"]),
+        ("turn user", said[1]),
+        ("turn assistant", history[3]["content"]),
+        ("turn user", said[2]),
+        ("turn assistant", reply),
+    ]
+    assert page.locator("#conversation .error").count() == 0

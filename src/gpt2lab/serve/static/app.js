@@ -16,19 +16,20 @@ function headers() {
   return h;
 }
 
-async function errorMessage(resp) {
+// An error response as an Error: the API's message, and its code (e.g. "context_length_exceeded") as .code.
+async function errorOf(resp) {
   try {
     const body = await resp.json();
-    if (body && body.error && body.error.message) return body.error.message;
+    if (body && body.error && body.error.message) return Object.assign(new Error(body.error.message), { code: body.error.code });
   } catch (e) { /* not JSON: fall through */ }
-  return `HTTP ${resp.status}`;
+  return new Error(`HTTP ${resp.status}`);
 }
 
 async function loadModels() {
   const resp = await fetch("/v1/models", { headers: headers() });
   if (!resp.ok) {
     if (resp.status === 401) $("keybox").open = true;
-    setStatus(await errorMessage(resp));
+    setStatus((await errorOf(resp)).message);
     return;
   }
   const models = (await resp.json()).data;
@@ -233,7 +234,8 @@ for (const box of [outputs, $("conversation")]) {
 }
 
 // Stream one request into `view`; `take(view, choice)` adds a streamed choice's text and tokens. Returns
-// false when the request failed (the error is shown in the view), true when it finished or was stopped.
+// false when the request failed (the error is shown in the view, its code kept as view.errorCode), true
+// when it finished or was stopped.
 async function run(view, path, body, take) {
   const ctl = new AbortController();
   running.push(ctl);
@@ -243,7 +245,7 @@ async function run(view, path, body, take) {
     const resp = await fetch(path, {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: ctl.signal,
     });
-    if (!resp.ok) throw new Error(await errorMessage(resp));
+    if (!resp.ok) throw await errorOf(resp);
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -282,6 +284,7 @@ async function run(view, path, body, take) {
       div.setAttribute("role", "alert");
       div.textContent = err.message;
       view.panel.append(div);
+      view.errorCode = err.code;
       if (/API key/i.test(err.message)) $("keybox").open = true;
       return false;
     }

@@ -3,7 +3,9 @@
 // tokens carry the same probability tint and alternatives. Loaded after app.js, whose functions it uses.
 "use strict";
 
-let chatHistory = []; // the conversation so far, as /v1/chat/completions takes it: [{role, content}]
+// The conversation so far: {role, content} as /v1/chat/completions takes them, each with its turn on the
+// page (el) and whether it was dropped, for it no longer fits in the model's context with the reply.
+let chatHistory = [];
 
 function addTurn(role, who, content) {
   const turn = document.createElement("div");
@@ -65,23 +67,46 @@ function takeChat(view, choice) {
   addChunk(view, text, lp);
 }
 
+// Leave the oldest turn still sent (a user message and the reply to it) out of the conversation, as
+// `gpt2lab chat` does when the context is full; its turns stay on the page, dimmed. False: none is left.
+function dropOldestTurn() {
+  const kept = chatHistory.filter((m) => !m.dropped);
+  if (!kept.length) return false;
+  const next = kept.findIndex((m, i) => i > 0 && m.role === "user");
+  for (const m of next < 0 ? kept : kept.slice(0, next)) {
+    m.dropped = true;
+    m.el.classList.add("dropped");
+    m.el.title = "no longer fits in the model's context: left out of the conversation";
+  }
+  return true;
+}
+
 async function send() {
   const content = $("message").value;
   if (running.length || !content.trim()) return;
   hideTip();
   const system = $("system").value.trim() ? [{ role: "system", content: $("system").value }] : [];
-  const messages = [...system, ...chatHistory, { role: "user", content }];
-  const body = { model: $("model").value, messages, ...sampling(), logprobs: true, top_logprobs: 5 };
+  const body = { model: $("model").value, ...sampling(), logprobs: true, top_logprobs: 5 };
   const asked = addTurn("user", "You", content);
-  const view = makeReply(body.model, body.seed);
   $("message").value = "";
   busy(true, "replying\u2026");
-  if (await run(view, "/v1/chat/completions", body, takeChat)) {
-    chatHistory.push({ role: "user", content }, { role: "assistant", content: view.reply });
-  } else { // left out of the conversation; the message is back in the box to try again
+  for (;;) {
+    const sent = chatHistory.filter((m) => !m.dropped).map(({ role, content }) => ({ role, content }));
+    body.messages = [...system, ...sent, { role: "user", content }];
+    const view = makeReply(body.model, body.seed);
+    if (await run(view, "/v1/chat/completions", body, takeChat)) {
+      chatHistory.push({ role: "user", content, el: asked.turn }, { role: "assistant", content: view.reply, el: view.panel });
+      break;
+    }
+    if (view.errorCode === "context_length_exceeded" && dropOldestTurn()) {
+      view.panel.remove(); // the same message again, without the oldest turn
+      continue;
+    }
+    // Left out of the conversation; the message is back in the box to try again.
     asked.turn.classList.add("failed");
     view.panel.classList.add("failed");
     $("message").value = content;
+    break;
   }
   busy(false, "done");
 }
