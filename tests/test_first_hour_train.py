@@ -114,3 +114,25 @@ def test_a_mistyped_init_from_is_a_local_path_error(corpus, tmp_path, monkeypatc
     assert str(e.value) == (
         f"train.init_from: no model at {tmp_path}/runs/basee (no such file or directory); did you mean {base}?"
     )
+
+
+def test_a_mistyped_resume_says_what_was_meant(corpus, tmp_path):
+    from gpt2lab.distributed import DistEnv
+    from gpt2lab.train.checkpoint import find_resume
+
+    run = tmp_path / "runs" / "demo"
+    train(tiny_config(corpus, run, train={"max_steps": 1}), progress=False)
+    assert find_resume(tmp_path / "new", str(run), DistEnv()) == run / "checkpoints" / "step_00000001"
+    cases = {
+        str(tmp_path / "runs" / "demoo"): f"--resume {tmp_path}/runs/demoo: no such file or directory; "
+        f"did you mean {run}?",
+        "atuo": "--resume atuo: no such file or directory; did you mean --resume auto?",
+        str(tmp_path / "elsewhere"): f"--resume {tmp_path}/elsewhere: no such file or directory; "
+        "give auto, never or a run directory",
+        str(tmp_path / "runs"): f"--resume {tmp_path}/runs: no training checkpoint there; give a run directory "
+        "or a checkpoints/step_* directory, or use --init-from to start from weights only",
+    }
+    for resume, message in cases.items():
+        with pytest.raises(GPT2LabError) as e:
+            find_resume(tmp_path / "new", resume, DistEnv())
+        assert str(e.value) == message

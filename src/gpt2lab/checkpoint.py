@@ -221,12 +221,10 @@ def looks_local(name: str | os.PathLike) -> bool:
     return len(parts) > 1 and Path(parts[0]).is_dir()
 
 
-def missing_model_path(name: str | os.PathLike) -> str | None:
-    """The one-line error for a model name that looks like a local path (`looks_local`) where nothing
-    exists, with the closest name in the deepest folder that does exist; None otherwise."""
+def closest_path(name: str | os.PathLike) -> tuple[str, Path | None]:
+    """For a path where nothing exists: what is missing, in words, and the existing path whose name is
+    closest to the first missing part (in the deepest folder that does exist), or None."""
     path = Path(name).expanduser()
-    if path.exists() or not looks_local(name):
-        return None
     parent, lost = path.parent, path.name  # the deepest existing folder, and the first missing part below it
     while not parent.exists() and parent != parent.parent:
         parent, lost = parent.parent, parent.name
@@ -237,9 +235,17 @@ def missing_model_path(name: str | os.PathLike) -> str | None:
         names = []
     below = path.relative_to(parent / lost)
     guesses = [parent / close / below for close in difflib.get_close_matches(lost, names, n=3)]
-    guesses = [guess for guess in guesses if guess.exists()]
-    if guesses:
-        return f"no model at {os.fspath(name)} ({what}); did you mean {guesses[0]}?"
+    return what, next((guess for guess in guesses if guess.exists()), None)
+
+
+def missing_model_path(name: str | os.PathLike) -> str | None:
+    """The one-line error for a model name that looks like a local path (`looks_local`) where nothing
+    exists, with the closest name that does exist; None otherwise."""
+    if Path(name).expanduser().exists() or not looks_local(name):
+        return None
+    what, guess = closest_path(name)
+    if guess is not None:
+        return f"no model at {os.fspath(name)} ({what}); did you mean {guess}?"
     return (
         f"no model at {os.fspath(name)} ({what}); check the path: a run directory, a checkpoint, or a "
         "Hugging Face model directory"

@@ -10,6 +10,7 @@ built under a hidden temporary name and renamed into place. The files: docs/form
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from ..checkpoint import (
     META_FILE,
     WEIGHTS_FILE,
     checkpoint_dir,
+    closest_path,
     find_checkpoints,
     find_latest,
     is_checkpoint,
@@ -316,7 +318,12 @@ def find_resume(run_dir: Path, resume: str, env: DistEnv) -> Path | None:
                 )
         else:
             found = resolve_checkpoint(resume) if Path(resume).is_dir() else None
-            if found is None or not is_training_checkpoint(found):
+            if not Path(resume).expanduser().exists():
+                what, guess = closest_path(resume)
+                word = difflib.get_close_matches(resume, ["auto", "never"], n=1)
+                hint = f"did you mean {guess}?" if guess else f"did you mean --resume {word[0]}?" if word else ""
+                error = f"--resume {resume}: {what}; " + (hint or "give auto, never or a run directory")
+            elif found is None or not is_training_checkpoint(found):
                 error = (
                     f"--resume {resume}: no training checkpoint there; give a run directory or a "
                     "checkpoints/step_* directory, or use --init-from to start from weights only"
