@@ -104,6 +104,7 @@ def main() -> None:
         tasks = ["bench_mc", "bench_rolling"]
         results: dict[str, dict] = {}
         scoring: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+        load_before = os.getloadavg()[0]  # the ratio means little on a machine shared with other jobs
         for repeat in range(args.repeats + 1):  # the first round warms up
             for name, lm in models.items():
                 calls[name].clear()
@@ -113,6 +114,7 @@ def main() -> None:
                     if repeat:
                         scoring[name].setdefault(method, []).append(seconds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; {cpu_features()}")
+    print(f"load average (1 minute): {load_before:.2f} before the timed rounds, {os.getloadavg()[0]:.2f} after")
     print(
         f"GPT-2 124M (random weights), float32, {device}, batch {args.batch_size}; {args.items} multiple-choice "
         f"items, {args.docs} documents of rolling perplexity; median of {args.repeats} runs"

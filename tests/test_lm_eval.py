@@ -157,17 +157,49 @@ def test_rolling_windows_span_several_contexts(models):
     assert total == pytest.approx(expected, rel=1e-5)
 
 
+def alone(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """The answer for one request, from a forward pass over its row alone, the harness's way."""
+    inp = (ctx + cont)[-(model.config.block_size + 1) :][:-1]
+    with torch.no_grad():
+        logits = model(torch.tensor([inp]))[0][0, -len(cont) :].double()  # (n, V)
+    logp = float(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont).unsqueeze(1)).sum())
+    return logp, logits.argmax(-1).tolist() == cont
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_scoring_ways_agree(models, share):
-    """Shared contexts on a KV cache and full padded rows give the same answers."""
+    """Shared contexts in one row and a row per request give the same answers."""
     _, ours = models
     requests = [([5, 6, 7, 8], [9, 10]), ([5, 6, 7, 8], [11]), ([1] * 70, [2, 3]), ([4], [1, 2, 3])]
     got = harness.score_requests(ours, requests, batch_size=3, share_context=share)
     for (ctx, cont), (logp, _) in zip(requests, got):
-        inp = (ctx + cont)[-65:][:-1]
-        with torch.no_grad():
-            lp = torch.log_softmax(ours(torch.tensor([inp]))[0][0].double(), -1)[-len(cont) :]
-        assert logp == pytest.approx(float(lp.gather(1, torch.tensor(cont).unsqueeze(1)).sum()), rel=1e-5)
+        assert logp == pytest.approx(alone(ours, ctx, cont)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_choices_after_a_shared_context_each_see_only_it(models, batch_size):
+    """A context shared by more choices than fit one 64-token row: the row holds the context once and
+    the choices after it, the rest start another row with the context again; rows of other contexts and
+    of different lengths are padded together. Every answer, the greedy verdict too, is that of the
+    request alone in its row."""
+    _, ours = models
+    ctx = [(7 * t) % 500 + 1 for t in range(30)]
+    with torch.no_grad():
+        best = int(ours(torch.tensor([ctx]))[0][0, -1].argmax())  # a continuation that is the greedy choice
+    requests = [(ctx, [best])] + [(ctx, [(11 * k + t) % 500 for t in range(2 + k % 7)]) for k in range(9)]
+    requests += [([3, 1, 4, 1, 5], [9, 2, 6]), ([3, 1, 4, 1, 5], [5]), ([2, 7], [1, 8, 2, 8])]
+    requests += [([2], [5, 6]), ([9], [1, 4, 7])]  # no prefix: one row, each request from position 0
+    cut = [(*harness._row(c, n, 64), n) for c, n in requests]
+    rows = harness._rows(cut, True, 64)
+    assert sum(1 for prefix, _ in rows if prefix == ctx[:-1]) == 2
+    assert [members for prefix, members in rows if not prefix] == [[len(requests) - 2, len(requests) - 1]]
+    assert all(len(prefix) + sum(len(cut[i][1]) for i in members) <= 64 for prefix, members in rows)
+    got = harness.score_requests(ours, requests, batch_size=batch_size, share_context=True)
+    for (c, n), (logp, is_greedy) in zip(requests, got):
+        want_logp, want_greedy = alone(ours, c, n)
+        assert logp == pytest.approx(want_logp, rel=1e-5, abs=1e-5)
+        assert is_greedy == want_greedy
+    assert got[0][1] and not all(g for _, g in got)
 
 
 def test_registered_under_its_name():

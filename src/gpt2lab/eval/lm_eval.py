@@ -11,8 +11,8 @@ so that both give the same numbers for the same weights:
     and the answer is the summed log-probability of the continuation tokens and whether each was the
     model's greedy choice. Only the continuation's positions go through the output projection
     (common.hidden_at + the model's head). On a CPU, requests that share a context (the choices of a
-    multiple-choice item) run it once into a KV cache and their continuations on top of it, as
-    gpt2lab's own HellaSwag does; elsewhere each request is a full row, a batch at a time.
+    multiple-choice item) share a row: the context once, then each continuation at the positions
+    after it, seeing the context and itself only; elsewhere each request is a full row, a batch at a time.
   - loglikelihood_rolling: the harness's own windows (lm_eval.utils.get_rolling_token_windows):
     <|endoftext|> first, then disjoint chunks of max_length predicted tokens, each read with the
     max_length tokens before its last one. gpt2lab's perplexity windows differ (a window of T tokens
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from ..errors import GPT2LabError
-from ..model import GPT, KVCache
-from ..runtime import autocast
+from ..model import GPT
+from ..runtime import autocast, keep_freed_memory
 from ..tokenizer import Tokenizer
 from .common import evaluating, hidden_at, nll_chunk_rows
 
@@ -84,7 +84,7 @@ def _answers(gpt: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         logits = gpt.head(hidden[start:end]).float()  # (c, V)
         t = targets[start:end]
         logp[start:end] = torch.log_softmax(logits, dim=-1).gather(1, t.unsqueeze(1)).squeeze(1).double()
-        greedy[start:end] = logits.argmax(dim=-1) == t
+        greedy[start:end] = logits.max(dim=-1).indices == t  # the first of equal maxima, as argmax, in less time
     return logp, greedy
 
 
@@ -92,68 +92,89 @@ def _per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int, dtype: torch
     return torch.zeros(n_rows, dtype=dtype, device=values.device).index_add_(0, rows, values.to(dtype))
 
 
-Row = tuple[list[int], list[int], list[int]]  # (prefix, tokens fed after it, continuation)
+Cut = tuple[list[int], list[int], list[int]]  # (prefix, tokens fed after it, continuation)
+Row = tuple[list[int], list[int]]  # (a prefix, the requests whose fed tokens follow it in one row)
 
 
-def _prefill(gpt: GPT, rows: Sequence[Row], width: int, device: torch.device, cache_dtype: torch.dtype) -> KVCache:
-    """A KV cache holding each row's prefix, for `width` more tokens: every distinct prefix runs once
-    (one padded batch), and the rows that share it copy its keys and values."""
-    leaders: dict[tuple[int, ...], int] = {}
-    for i, (prefix, _, _) in enumerate(rows):
-        leaders.setdefault(tuple(prefix), i)
-    longest = max(len(p) for p in leaders)
-    cache = KVCache(gpt.config, len(rows), longest + width, device=device, dtype=cache_dtype)
-    idx = torch.zeros(len(leaders), longest, dtype=torch.long)  # (G, P), right-padded
-    for g, prefix in enumerate(leaders):
-        idx[g, : len(prefix)] = torch.tensor(prefix)
-    gpt.hidden_states(idx.to(device), cache.select(list(leaders.values())))
-    for prefix, leader in leaders.items():
-        # Positions past a prefix hold padding: the row continues right after its own prefix, and its
-        # own tokens overwrite them or the causal mask hides them.
-        cache.pos[leader] = len(prefix)
-    for i, (prefix, _, _) in enumerate(rows):
-        if leaders[tuple(prefix)] != i:
-            cache.copy_row(leaders[tuple(prefix)], i)
-    return cache
+class _SharedPrefixRows:
+    """Rows laid out as [prefix, fed tokens of request 1, of request 2, ...], given to GPT.hidden_states
+    in the place of its KV cache: it answers the cache's three questions (`positions`, `update`,
+    `advance`) and keeps nothing. Each request's tokens sit at the positions right after the prefix and
+    attend to the prefix and to themselves only, so each request is scored as if it were alone after
+    the prefix, and the prefix runs once for all of them.
+
+    pos: (B, T) each token's position; mask: (B, 1, T, T), True where a query may see a key."""
+
+    def __init__(self, pos: torch.Tensor, mask: torch.Tensor) -> None:
+        self.pos, self.mask = pos, mask
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return self.pos  # (B, T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return k, v, self.mask  # this pass's own keys and values (B, nh, T, hs) are all there are
+
+    def advance(self, T: int) -> None:
+        pass
 
 
-def _score_rows(
-    gpt: GPT, rows: Sequence[Row], device: torch.device, cache_dtype: torch.dtype
-) -> list[tuple[float, bool]]:
-    """Rows whose prefixes run first into a KV cache (each distinct one once) or, with empty prefixes,
-    full rows in one padded batch. The last len(continuation) positions of each row's fed tokens
-    predict its continuation."""
-    width = max(len(feed) for _, feed, _ in rows)
-    idx = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T), right-padded: causal, never read
-    r_list, c_list, targets = [], [], []
-    for i, (_, feed, cont) in enumerate(rows):
-        idx[i, : len(feed)] = torch.tensor(feed)
-        r_list += [i] * len(cont)
-        c_list += range(len(feed) - len(cont), len(feed))
-        targets += cont
-    r, c, tgt = (torch.tensor(v, dtype=torch.long, device=device) for v in (r_list, c_list, targets))  # (N,) each
-    cache = _prefill(gpt, rows, width, device, cache_dtype) if rows[0][0] else None
-    logp, greedy = _answers(gpt, hidden_at(gpt, idx.to(device), r, c, cache=cache), tgt)
-    sums = _per_row(logp, r, len(rows), torch.float64).tolist()
-    misses = _per_row(~greedy, r, len(rows), torch.int64).tolist()
-    return [(s, m == 0) for s, m in zip(sums, misses)]
+def _rows(cut: Sequence[Cut], share: bool, block: int) -> list[Row]:
+    """The rows to feed. With `share`, requests with the same prefix follow one copy of it, as many as
+    fit the model's context of `block` tokens in a row (the rest start another row); requests with no
+    prefix (a one-token context) share rows the same way, each from position 0. Without, a row per
+    request."""
+    groups: dict[Any, list[int]] = {}
+    for i, (prefix, _, _) in enumerate(cut):
+        groups.setdefault(tuple(prefix) if share else i, []).append(i)
+    rows: list[Row] = []
+    for members in groups.values():
+        prefix, length = cut[members[0]][0], block
+        for i in members:
+            if length + len(cut[i][1]) > block:
+                rows.append((prefix, []))
+                length = len(prefix)
+            rows[-1][1].append(i)
+            length += len(cut[i][1])
+    return rows
 
 
-def _shared_batches(cut: Sequence[Row], groups: list[list[int]], batch_size: int, block: int) -> list[list[int]]:
-    """Up to `batch_size` groups (requests with one prefix) per forward pass, longest prefixes first,
-    as long as the longest prefix and the widest fed tokens fit the model's context together."""
-    groups = sorted(groups, key=lambda g: -len(cut[g[0]][0]))
-    batches: list[list[int]] = []
-    count, longest, width = 0, 0, 0
-    for g in groups:
-        g_width = max(len(cut[i][1]) for i in g)
-        if batches and count < batch_size and longest + max(width, g_width) <= block:
-            batches[-1] += g
-            count, width = count + 1, max(width, g_width)
-        else:
-            batches.append(list(g))
-            count, longest, width = 1, len(cut[g[0]][0]), g_width
-    return batches
+def _score_rows(gpt: GPT, cut: Sequence[Cut], rows: Sequence[Row]) -> list[tuple[float, bool]]:
+    """One forward pass over `rows`, right-padded: the answers of their requests, in row order. The
+    last len(continuation) of each request's fed tokens predict its continuation."""
+    width = max(len(prefix) + sum(len(cut[i][1]) for i in members) for prefix, members in rows)
+    idx = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+    # Which part of its row each token is: 0 the prefix, k the row's k-th request. The padding at a
+    # row's end is 0 too; no token before it sees it.
+    part = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+    r_list, c_list, slots, targets = [], [], [], []
+    n = 0  # requests so far
+    for b, (prefix, members) in enumerate(rows):
+        idx[b, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        pos[b, : len(prefix)] = torch.arange(len(prefix))
+        col = len(prefix)
+        for k, i in enumerate(members, 1):
+            _, feed, cont = cut[i]
+            end = col + len(feed)
+            idx[b, col:end] = torch.tensor(feed)
+            pos[b, col:end] = torch.arange(len(prefix), len(prefix) + len(feed))
+            part[b, col:end] = k
+            r_list += [b] * len(cont)
+            c_list += range(end - len(cont), end)
+            slots += [n] * len(cont)
+            targets += cont
+            n, col = n + 1, end
+    device = gpt.device
+    r, c, s, tgt = (torch.tensor(v, dtype=torch.long, device=device) for v in (r_list, c_list, slots, targets))
+    layout = None  # a request alone in each row: plain causal attention from position 0
+    if any(len(members) > 1 for _, members in rows):
+        causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T): query t sees keys 0 .. t
+        seen = (part.unsqueeze(1) == 0) | (part.unsqueeze(1) == part.unsqueeze(2))  # (B, T, T): prefix or own part
+        layout = _SharedPrefixRows(pos.to(device), (causal & seen).unsqueeze(1).to(device))
+    logp, greedy = _answers(gpt, hidden_at(gpt, idx.to(device), r, c, cache=layout), tgt)
+    sums = _per_row(logp, s, n, torch.float64).tolist()
+    misses = _per_row(~greedy, s, n, torch.int64).tolist()
+    return [(total, missed == 0) for total, missed in zip(sums, misses)]
 
 
 def score_requests(
@@ -169,34 +190,26 @@ def score_requests(
     for each (context tokens, continuation tokens), in the order given.
 
     share_context (default: on a CPU): requests whose inputs share everything before the scored
-    positions run that prefix once into a KV cache, one group of them per forward pass; the others go
-    `batch_size` full rows per forward pass, longest first so that similar lengths are padded together.
+    positions go in one row, that prefix once and each request's tokens after it (_SharedPrefixRows);
+    otherwise each request is a row of its own. `batch_size` rows per forward pass, longest first, so
+    that similar lengths are padded together.
     """
     device = gpt.device
     share = device.type == "cpu" if share_context is None else share_context
-    cut = [(*_row(ctx, cont, gpt.config.block_size), list(cont)) for ctx, cont in requests]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    rest = []
-    for i, (prefix, _, _) in enumerate(cut):
-        if share and prefix:
-            groups.setdefault(tuple(prefix), []).append(i)
-        else:
-            rest.append(i)
-    rest.sort(key=lambda i: -(len(cut[i][0]) + len(cut[i][1])))
-    batches = [(True, b) for b in _shared_batches(cut, list(groups.values()), batch_size, gpt.config.block_size)]
-    batches += [(False, rest[i : i + batch_size]) for i in range(0, len(rest), batch_size)]
+    block = gpt.config.block_size
+    cut = [(*_row(ctx, cont, block), list(cont)) for ctx, cont in requests]
+    rows = sorted(_rows(cut, share, block), key=lambda row: -(len(row[0]) + sum(len(cut[i][1]) for i in row[1])))
     answers: list[tuple[float, bool]] = [(0.0, False)] * len(cut)
-    cache_dtype = autocast_dtype or gpt.lm_head.weight.dtype
     from tqdm.auto import tqdm
 
     with evaluating(gpt), tqdm(total=len(cut), desc="lm-eval", unit="request", disable=not progress) as bar:
-        for shared, batch in batches:
-            # A full row feeds its whole input: the prefix goes in front of the scored tokens.
-            rows = [cut[i] if shared else ([], cut[i][0] + cut[i][1], cut[i][2]) for i in batch]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            order = [i for _, members in batch for i in members]
             with autocast(device, autocast_dtype):
-                for i, answer in zip(batch, _score_rows(gpt, rows, device, cache_dtype)):
+                for i, answer in zip(order, _score_rows(gpt, cut, batch)):
                     answers[i] = answer
-            bar.update(len(batch))
+            bar.update(len(order))
     return answers
 
 
@@ -255,6 +268,10 @@ class _HarnessMethods:
             tokenizer = get_tokenizer(tokenizer or "gpt2")
         self.gpt, self.tok = model, tokenizer
         self.batch = _batch_size(batch_size)
+        if model.device.type == "cpu":
+            # Each forward pass allocates tensors of tens of MB anew: reuse the freed ones rather than
+            # page-fault fresh ones in (runtime.keep_freed_memory; the trainer does the same).
+            keep_freed_memory()
         self.progress = progress
 
     @property
