@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,19 @@ def test_cli_writes_harness_results_beside_its_own(cli, models, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["lm_eval"]["results"]) == {"tiny_mc", "tiny_wikitext"}
     assert report["lm_eval"]["harness_version"]
+
+
+def test_the_harness_command_line_runs_gpt2lab(both, models, tmp_path):
+    """`gpt2lab-lm-eval` is the harness's own command line (`lm_eval run ...`) with `--model gpt2lab`:
+    a run directory's numbers equal the in-process ones."""
+    hf_model, _ = models
+    hf_model.save_pretrained(tmp_path / "hf")
+    script = Path(sys.executable).with_name("gpt2lab-lm-eval")
+    args = ["run", "--model", "gpt2lab", "--model_args", f"pretrained={tmp_path / 'hf'}", "--tasks", "tiny_mc"]
+    args += ["--include_path", str(write_tasks(tmp_path / "tasks")), "--output_path", str(tmp_path / "out")]
+    r = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    got = json.loads(written.read_text())["results"]["tiny_mc"]
+    mine = both[0]["results"]["tiny_mc"]
+    assert (got["acc,none"], got["acc_norm,none"]) == (mine["acc,none"], mine["acc_norm,none"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,6 +255,11 @@ class _HarnessMethods:
             from ..checkpoint import load_model_and_tokenizer
             from ..runtime import resolve_device, resolve_dtype
 
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                # The harness's command line asks for cuda:0 unless told otherwise; its `hf` model then runs
+                # where it can, and so does this one.
+                print(f"gpt2lab: no CUDA GPU here for device {device!r}; running on the CPU", file=sys.stderr)
+                device = "auto"
             model, tokenizer = load_model_and_tokenizer(
                 pretrained,
                 device=resolve_device(device or "auto"),
