@@ -4,8 +4,8 @@ GPT-2 124M with random weights (the same weights in both), synthetic items in th
 whose lengths follow HellaSwag's validation set (context 20-80 tokens, endings 8-40 tokens). The
 naive peer is the reference scripts' approach written the plain way: one candidate at a time through
 `GPT2LMHeadModel`, its shifted-label loss over the ending tokens. gpt2lab is timed both ways it can
-run (eval/hellaswag.py): the context computed once per item with the four endings on a KV cache
-(its default on CPU), and `--batch-size` items per forward pass as full rows (its default on GPUs);
+run (eval/hellaswag.py): an item's context once with its four endings after it in one row (its
+default on CPU), and `--batch-size` items per forward pass as full rows (its default on GPUs);
 both compute logits at the ending positions only. Each is warmed up, the three are timed `--repeats`
 times in turn and the medians are reported, as items per second and per CPU-second of the process;
 all must make the same predictions.

@@ -19,6 +19,7 @@ from eval_data import ITEMS
 
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval import lm_eval as harness
+from gpt2lab.eval import scoring
 from gpt2lab.hf import export_hf
 
 TEXTS = [
@@ -173,7 +174,7 @@ def test_scoring_ways_agree(models, share):
     """Shared contexts in one row and a row per request give the same answers."""
     _, ours = models
     requests = [([5, 6, 7, 8], [9, 10]), ([5, 6, 7, 8], [11]), ([1] * 70, [2, 3]), ([4], [1, 2, 3])]
-    got = harness.score_requests(ours, requests, batch_size=3, share_context=share)
+    got = scoring.score_requests(ours, requests, batch_size=3, share_context=share)
     for (ctx, cont), (logp, _) in zip(requests, got):
         assert logp == pytest.approx(alone(ours, ctx, cont)[0], rel=1e-5)
 
@@ -191,12 +192,12 @@ def test_choices_after_a_shared_context_each_see_only_it(models, batch_size):
     requests = [(ctx, [best])] + [(ctx, [(11 * k + t) % 500 for t in range(2 + k % 7)]) for k in range(9)]
     requests += [([3, 1, 4, 1, 5], [9, 2, 6]), ([3, 1, 4, 1, 5], [5]), ([2, 7], [1, 8, 2, 8])]
     requests += [([2], [5, 6]), ([9], [1, 4, 7])]  # no prefix: one row, each request from position 0
-    cut = [(*harness._row(c, n, 64), n) for c, n in requests]
-    rows = harness._rows(cut, True, 64)
+    cut = [(*scoring.cut_request(c, n, 64), n) for c, n in requests]
+    rows = scoring.pack_rows(cut, True, 64)
     assert sum(1 for prefix, _ in rows if prefix == ctx[:-1]) == 2
     assert [members for prefix, members in rows if not prefix] == [[len(requests) - 2, len(requests) - 1]]
     assert all(len(prefix) + sum(len(cut[i][1]) for i in members) <= 64 for prefix, members in rows)
-    got = harness.score_requests(ours, requests, batch_size=batch_size, share_context=True)
+    got = scoring.score_requests(ours, requests, batch_size=batch_size, share_context=True)
     for (c, n), (logp, is_greedy) in zip(requests, got):
         want_logp, want_greedy = alone(ours, c, n)
         assert logp == pytest.approx(want_logp, rel=1e-5, abs=1e-5)

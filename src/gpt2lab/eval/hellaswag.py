@@ -13,13 +13,16 @@ lm-evaluation-harness, which reports other numbers for the same model (see refer
 Data: the official validation set, rowanz/hellaswag data/hellaswag_val.jsonl (10,042 items), one
 JSON object per line with at least `ctx` (str), `endings` (4 str) and `label` (0-3).
 
-Two ways to run the model give the same scores (up to float rounding); `score_items` picks by device:
+Each ending's loss is the log-likelihood of " " + ending after the context (scoring.score_requests, as
+lm-evaluation-harness's `loglikelihood` is answered). Two ways to run the model give the same scores (up
+to float rounding); `score_items` picks by device:
   - on GPUs, `batch_size` items share a forward pass, each candidate a full row (context + ending),
-    longest items first so that rows of similar length are padded together. Padding sits on the right,
+    longest first so that rows of similar length are padded together. Padding sits on the right,
     where causal attention keeps it from the scored positions;
-  - on CPUs, which are bound by arithmetic rather than by batch width, each item's context runs once
-    into a KV cache and the four endings run on top of it, about half the work.
-Either way only the ending positions go through the output projection (common.logits_at).
+  - on CPUs, which are bound by arithmetic rather than by batch width, an item is one row: its context
+    once, then each ending at the positions after it, seeing the context and itself only, about half the
+    work.
+Either way only the ending positions go through the output projection.
 
 Under torchrun, rank r scores items r, r + W, ... and the counts are summed over the ranks.
 """
@@ -38,9 +41,9 @@ import torch.nn as nn
 from ..distributed import all_reduce_sum, download_once
 from ..errors import GPT2LabError
 from ..jsonl import read_jsonl
-from ..model import KVCache, unwrap
-from ..runtime import autocast
-from .common import EvalContext, EvalResult, check_vocab, evaluating, logits_at, token_losses
+from ..model import unwrap
+from .common import EvalContext, EvalResult, check_vocab
+from .scoring import score_requests
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_NAME = "hellaswag_val.jsonl"
@@ -171,97 +174,18 @@ def parse_item(record: Any, where: str) -> Item:
 # ----------------------------------------------------------------------------- scoring
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    ctx: tuple[int, ...]
-    endings: tuple[tuple[int, ...], ...]  # " " + ending, tokenized
-    block_size: int
-
-    def row(self, i: int) -> tuple[tuple[int, ...], int]:
-        """Candidate i as one sequence, and the index of its first ending token. A row longer than
-        the model's context keeps its ending and the end of the context."""
-        end = self.endings[i]
-        keep = self.ctx[max(0, len(self.ctx) + len(end) - self.block_size) :]
-        return keep + end, len(keep)
-
-    @property
-    def longest(self) -> int:
-        return len(self.ctx) + max(len(e) for e in self.endings)
-
-    @property
-    def fits(self) -> bool:
-        return self.longest <= self.block_size
-
-
-def _encode(item: Item, tokenizer, block_size: int) -> _Encoded:
-    ctx = tuple(tokenizer.encode(item.ctx))
-    # GPT-2's BPE attaches the space to the following word: " " + ending, as the reference scripts do.
-    endings = tuple(tuple(tokenizer.encode(" " + ending)) for ending in item.endings)
+def _encode(item: Item, tokenizer, block_size: int) -> tuple[list[int], list[list[int]]]:
+    """The context's tokens and each candidate's: " " + ending, for GPT-2's BPE attaches the space to the
+    following word, as the reference scripts do."""
+    ctx = tokenizer.encode(item.ctx)
+    endings = [tokenizer.encode(" " + ending) for ending in item.endings]
     for i, end in enumerate(endings):
         if len(end) >= block_size:
             raise GPT2LabError(
                 f"{item.where or 'HellaSwag item'}: ending {i} is {len(end)} tokens, which does not fit the "
                 f"model's context of {block_size} with any context before it"
             )
-    return _Encoded(ctx, endings, block_size)
-
-
-Scores = tuple[list[float], list[float]]  # summed and mean ending losses of the 4 candidates
-
-
-def _sums_and_means(sums: torch.Tensor, counts: torch.Tensor) -> list[Scores]:
-    """(R,) summed losses and ending-token counts of R = 4 x items rows -> per item (sums, means)."""
-    return list(zip(sums.view(-1, NUM_ENDINGS).tolist(), (sums / counts).view(-1, NUM_ENDINGS).tolist()))
-
-
-def _score_batch(
-    gpt: nn.Module, batch: Sequence[_Encoded], device: torch.device, autocast_dtype: torch.dtype | None
-) -> list[Scores]:
-    """Several items in one forward pass: each candidate is a full row (context + ending), padded."""
-    encoded = [e.row(i) for e in batch for i in range(NUM_ENDINGS)]
-    rows = [torch.tensor(r, dtype=torch.long) for r, _ in encoded]
-    lengths = torch.tensor([len(r) for r, _ in encoded])  # (R,)
-    starts = torch.tensor([s for _, s in encoded])  # (R,)
-    idx = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, T), right-padded with 0
-    pos = torch.arange(idx.size(1))  # (T,)
-    # Position p predicts token p + 1: the ending tokens [start, length) are predicted at [start - 1, length - 1).
-    scored = (pos >= (starts - 1).unsqueeze(1)) & (pos < (lengths - 1).unsqueeze(1))  # (R, T)
-    r, c = scored.nonzero(as_tuple=True)  # (N,) each, row-major
-    targets = idx[r, c + 1]  # (N,)
-    idx, r, c, targets = (t.to(device) for t in (idx, r, c, targets))
-    with autocast(device, autocast_dtype):
-        logits = logits_at(gpt, idx, r, c)  # (N, V)
-    losses = token_losses(logits, targets).double()  # (N,)
-    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, r, losses)  # (R,)
-    return _sums_and_means(sums, (lengths - starts).to(device=device, dtype=torch.float64))
-
-
-def _score_shared_context(
-    gpt: nn.Module, item: _Encoded, device: torch.device, autocast_dtype: torch.dtype | None
-) -> Scores:
-    """One item with its context computed once: the context goes into a KV cache, then the four
-    endings run on top of it as a batch of 4 rows. The context is most of an item's tokens, so this
-    is about half the arithmetic of four full rows."""
-    ctx = torch.tensor([item.ctx], device=device)  # (1, Tc)
-    lengths = torch.tensor([len(e) for e in item.endings])  # (4,)
-    ends = nn.utils.rnn.pad_sequence([torch.tensor(e) for e in item.endings], batch_first=True)  # (4, Te)
-    ends = ends.to(device)
-    tc, te = ctx.size(1), ends.size(1)
-    dtype = next(gpt.parameters()).dtype if autocast_dtype is None else autocast_dtype
-    # Ending position p predicts ending token p + 1; the context's last position predicts token 0.
-    r, c = (torch.arange(te).unsqueeze(0) < (lengths - 1).unsqueeze(1)).nonzero(as_tuple=True)  # (N,) each
-    r, c = r.to(device), c.to(device)
-    with autocast(device, autocast_dtype):
-        cache = KVCache(gpt.config, NUM_ENDINGS, tc + te, device=device, dtype=dtype)
-        last_pos = torch.tensor([tc - 1], device=device)
-        last = logits_at(gpt, ctx, torch.zeros_like(last_pos), last_pos, cache=cache.select([0]))  # (1, V)
-        for row in range(1, NUM_ENDINGS):  # the endings share the context
-            cache.copy_row(0, row)
-        logits = logits_at(gpt, ends, r, c, cache=cache) if r.numel() else None  # (N, V)
-    sums = token_losses(last.expand(NUM_ENDINGS, -1), ends[:, 0]).double()  # (4,) first ending tokens
-    if logits is not None:
-        sums = sums.index_add(0, r, token_losses(logits, ends[r, c + 1]).double())
-    return _sums_and_means(sums, lengths.to(device=device, dtype=torch.float64))[0]
+    return ctx, endings
 
 
 def score_items(
@@ -272,42 +196,36 @@ def score_items(
     share_context: bool | None = None,
 ) -> list[ItemScore]:
     """Per-candidate losses of every item, in the order given (this process only: ctx.rank and
-    ctx.world_size are not used here, see `evaluate`).
+    ctx.world_size are not used here, see `evaluate`). A candidate longer than the model's context keeps
+    its ending and the end of the context.
 
-    Two ways to run the model, with the same scores up to float rounding:
     share_context=False: `ctx.batch_size` items per forward pass, 4 full rows each (the default on
     GPUs, where wide batches are what makes a forward pass efficient);
-    share_context=True: one item at a time, its context once and the 4 endings from a KV cache (the
-    default on CPUs, which are bound by arithmetic, and this is about half of it). Items whose rows
-    would exceed the model's context are always scored as full rows.
+    share_context=True: an item's context once and its 4 endings after it in one row, `ctx.batch_size`
+    items per forward pass (the default on CPUs, which are bound by arithmetic, and this is about half).
     """
     ctx = ctx or EvalContext()
     gpt = unwrap(model)
     check_vocab(gpt, tokenizer)
-    device = ctx.device_for(gpt)
-    if share_context is None:
-        share_context = device.type == "cpu"
-    encoded = [_encode(item, tokenizer, gpt.config.block_size) for item in items]
-    shared = [i for i, e in enumerate(encoded) if share_context and e.fits]
-    batched = sorted(set(range(len(items))) - set(shared), key=lambda i: -encoded[i].longest)
-    scores: list[ItemScore | None] = [None] * len(items)
-    batch_size, dtype = ctx.batch_size, ctx.autocast_dtype
-    from tqdm.auto import tqdm
-
-    with (
-        evaluating(gpt),
-        tqdm(total=len(items), desc="hellaswag", unit="item", disable=not ctx.show_progress, leave=False) as bar,
-    ):
-        for i in shared:
-            sums, means = _score_shared_context(gpt, encoded[i], device, dtype)
-            scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
-            bar.update(1)
-        for start in range(0, len(batched), batch_size):
-            chunk = batched[start : start + batch_size]
-            for i, (sums, means) in zip(chunk, _score_batch(gpt, [encoded[i] for i in chunk], device, dtype)):
-                scores[i] = ItemScore(items[i].label, tuple(sums), tuple(means))
-            bar.update(len(chunk))
-    return scores  # type: ignore[return-value]
+    share = ctx.device_for(gpt).type == "cpu" if share_context is None else share_context
+    block = gpt.config.block_size
+    encoded = [_encode(item, tokenizer, block) for item in items]
+    # A row is at most block_size tokens, context + ending: a longer one drops the start of its context.
+    requests = [(context[max(0, len(context) + len(e) - block) :], e) for context, endings in encoded for e in endings]
+    answers = score_requests(
+        gpt,
+        requests,
+        batch_size=ctx.batch_size if share else ctx.batch_size * NUM_ENDINGS,
+        share_context=share,
+        autocast_dtype=ctx.autocast_dtype,
+        progress=ctx.show_progress,
+        desc="hellaswag",
+    )
+    scores = []
+    for n, (item, (_, endings)) in enumerate(zip(items, encoded)):
+        sums = [-logp for logp, _ in answers[n * NUM_ENDINGS : (n + 1) * NUM_ENDINGS]]
+        scores.append(ItemScore(item.label, tuple(sums), tuple(s / len(e) for s, e in zip(sums, endings))))
+    return scores
 
 
 def evaluate(
