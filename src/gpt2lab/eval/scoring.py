@@ -167,7 +167,7 @@ def score_requests(
     answers: list[tuple[float, bool]] = [(0.0, False)] * len(cut)
     from tqdm.auto import tqdm
 
-    with evaluating(gpt), tqdm(total=len(cut), desc=desc, unit="request", disable=not progress) as bar:
+    with evaluating(gpt), tqdm(total=len(cut), desc=desc, unit="request", disable=not progress, leave=False) as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             order = [i for _, members in batch for i in members]
