@@ -20,7 +20,7 @@ import torch
 from ..errors import GPT2LabError
 from ..model import GPT
 from ..runtime import autocast
-from .common import evaluating, hidden_at, nll_chunk_rows
+from .common import evaluating, hidden_at, nll_chunk_rows, token_losses
 
 
 def cut_request(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -39,7 +39,8 @@ def cut_request(context: Sequence[int], continuation: Sequence[int], max_length:
 
 def _answers(gpt: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target and whether it is the argmax, from (N, C) hidden states: (N,) float64
-    and (N,) bool. The logits are made a chunk of positions at a time, as common.token_nll makes them."""
+    and (N,) bool. The logits are made a chunk of positions at a time, as common.token_nll makes them, and
+    each log-probability is minus common.token_losses' cross-entropy."""
     chunk = nll_chunk_rows(hidden.device)
     logp = torch.empty(hidden.size(0), dtype=torch.float64, device=hidden.device)
     greedy = torch.empty(hidden.size(0), dtype=torch.bool, device=hidden.device)
@@ -47,7 +48,7 @@ def _answers(gpt: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         end = min(start + chunk, hidden.size(0))
         logits = gpt.head(hidden[start:end]).float()  # (c, V)
         t = targets[start:end]
-        logp[start:end] = torch.log_softmax(logits, dim=-1).gather(1, t.unsqueeze(1)).squeeze(1).double()
+        logp[start:end] = -token_losses(logits, t).double()
         greedy[start:end] = logits.max(dim=-1).indices == t  # the first of equal maxima, as argmax, in less time
     return logp, greedy
 
